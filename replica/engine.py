@@ -1,0 +1,114 @@
+"""Builds the vLLM engine with sloserve's scheduler inside, and listens to its load."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from sloserve.replica.scheduler import scheduler_class_for
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model: Path
+    max_model_len: int | None = None  # None: the model's own
+    kv_cache_bytes: int | None = None  # None: vLLM's default sizing (GPU); set on CPU
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    load_format: str = "auto"  # "dummy" on a GPU gives real shapes without weights
+    extra: dict[str, Any] = field(default_factory=dict)  # further AsyncEngineArgs fields
+
+
+@dataclass
+class EngineLoad:
+    """The engine core's latest scheduler stats, as its stat logger last saw them."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+class LoadListener:
+    """Keeps the latest scheduler stats; vLLM calls `record` after every engine step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._load = EngineLoad()
+
+    def snapshot(self) -> EngineLoad:
+        with self._lock:
+            return EngineLoad(self._load.running, self._load.waiting, self._load.kv_cache_usage)
+
+    def update(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        with self._lock:
+            self._load = EngineLoad(running, waiting, kv_cache_usage)
+
+    def stat_logger_factory(self) -> Any:
+        listener = self
+
+        class _Logger(StatLoggerBase):  # type: ignore[misc]
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is not None:
+                    listener.update(
+                        scheduler_stats.num_running_reqs,
+                        scheduler_stats.num_waiting_reqs
+                        + scheduler_stats.num_skipped_waiting_reqs,
+                        scheduler_stats.kv_cache_usage,
+                    )
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger
+
+
+def engine_args(settings: EngineSettings) -> AsyncEngineArgs:
+    kwargs: dict[str, Any] = {
+        "model": str(settings.model),
+        "dtype": settings.dtype,
+        "enforce_eager": settings.enforce_eager,
+        "load_format": settings.load_format,
+        **settings.extra,
+    }
+    optional = {
+        "max_model_len": settings.max_model_len,
+        "kv_cache_memory_bytes": settings.kv_cache_bytes,
+        "max_num_seqs": settings.max_num_seqs,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    return AsyncEngineArgs(**kwargs)
+
+
+def build_engine(settings: EngineSettings, listener: LoadListener) -> AsyncLLM:
+    """Starts vLLM's engine-core process with the SLO scheduler loaded; blocks until ready.
+
+    Safe to call from a worker thread: the output loop starts on the first request, in the
+    caller's event loop.
+    """
+    config = engine_args(settings).create_engine_config()
+    # Only known once vLLM has resolved the config (it turns async scheduling off where the
+    # executor cannot do it, as on CPU).
+    config.scheduler_config.scheduler_cls = scheduler_class_for(
+        bool(config.scheduler_config.async_scheduling)
+    )
+    return AsyncLLM.from_vllm_config(
+        config, stat_loggers=[listener.stat_logger_factory()], disable_log_stats=True
+    )

@@ -1,0 +1,151 @@
+"""The Inference gRPC service of a replica: validate, admit, stream from vLLM, judge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+
+from sloserve import errors
+from sloserve.replica.admission import decide
+from sloserve.replica.runtime import ReplicaRuntime
+from sloserve.replica.validation import InvalidRequest, ValidRequest, validate
+from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
+from sloserve.slo import judge
+from sloserve.v1 import inference_pb2, inference_pb2_grpc, slo_pb2
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def _vllm_sampling(valid: ValidRequest) -> SamplingParams:
+    s = valid.sampling
+    return SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        ignore_eos=s.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=valid.slo.to_extra_args(),
+    )
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
+    def __init__(self, runtime: ReplicaRuntime) -> None:
+        self._rt = runtime
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        arrival = time.time()
+        rt, state = self._rt, self._rt.state
+        if not state.ready or rt.limits is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is starting")
+        if state.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is draining")
+        try:
+            valid = validate(request, state.catalog, rt.limits, rt.tokenize, arrival)
+        except InvalidRequest as bad:
+            rt.metrics.requests.labels(request.slo.class_name, "invalid").inc()
+            await context.abort_with_status(
+                errors.to_grpc_status(errors.invalid_argument(bad.field, bad.description))
+            )
+        slo = valid.slo
+        if slo.request_id in state.in_flight:
+            await context.abort_with_status(
+                errors.to_grpc_status(errors.invalid_argument("request_id", "already in flight"))
+            )
+        decision = decide(state, len(valid.prompt_token_ids))
+        if not decision.admit:
+            rt.metrics.requests.labels(slo.class_name, "rejected").inc()
+            rt.metrics.rejections.labels(slo.class_name, decision.reason_name).inc()
+            await context.abort_with_status(
+                errors.to_grpc_status(
+                    errors.resource_exhausted(
+                        decision.reason_name,
+                        f"not admitted: {decision.reason_name.lower()}",
+                        decision.retry_after_s,
+                    )
+                )
+            )
+
+        entry = state.start(slo, len(valid.prompt_token_ids))
+        outcome_label, attained = "error", None
+        try:
+            yield inference_pb2.GenerateResponse(
+                admission=inference_pb2.Admission(
+                    request_id=slo.request_id,
+                    mode=slo_pb2.ADMISSION_MODE_ADMITTED,
+                    class_name=slo.class_name,
+                    budgets=budgets_to_proto(slo.budgets),
+                    prompt_tokens=len(valid.prompt_token_ids),
+                )
+            )
+            token_times: list[float] = []
+            finish_reason: str | None = None
+            outputs = rt.engine.generate(
+                {"prompt_token_ids": valid.prompt_token_ids}, _vllm_sampling(valid), slo.request_id
+            )
+            # aclosing: when the client cancels, closing the engine stream aborts the request
+            # inside the engine at once, freeing its KV cache.
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    now = time.time()
+                    completion = output.outputs[0]
+                    if completion.token_ids:
+                        if entry.first_token_time is None:
+                            state.first_token(entry, now)
+                        token_times.extend([now] * len(completion.token_ids))
+                        yield inference_pb2.GenerateResponse(
+                            delta=inference_pb2.TokenDelta(
+                                token_ids=completion.token_ids, text=completion.text
+                            )
+                        )
+                    if output.finished:
+                        finish_reason = completion.finish_reason
+            if finish_reason not in _FINISH_REASONS:
+                await context.abort(
+                    grpc.StatusCode.ABORTED,
+                    f"the engine ended the request ({finish_reason}) after "
+                    f"{len(token_times)} tokens",
+                )
+            outcome = judge(arrival, token_times, slo.budgets)
+            attained = outcome.met
+            outcome_label = "attained" if attained else "missed"
+            rt.metrics.ttft.labels(slo.class_name).observe(outcome.ttft_s)
+            if len(token_times) > 1:
+                rt.metrics.tpot.labels(slo.class_name).observe(outcome.mean_tpot_s)
+            yield inference_pb2.GenerateResponse(
+                completion=inference_pb2.Completion(
+                    finish_reason=_FINISH_REASONS[finish_reason or ""],
+                    usage=inference_pb2.Usage(
+                        prompt_tokens=len(valid.prompt_token_ids),
+                        completion_tokens=len(token_times),
+                    ),
+                    slo_outcome=outcome_to_proto(outcome, admitted=True),
+                    latency=duration(time.time() - arrival),
+                )
+            )
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome_label = "cancelled"  # the client went away; the engine has aborted it
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            log.exception("request %s failed", slo.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
+        finally:
+            state.finish(entry, attained)
+            rt.metrics.requests.labels(slo.class_name, outcome_label).inc()

@@ -1,0 +1,123 @@
+"""The replica process: gRPC up first, engine next, then serve until SIGTERM drains it.
+
+Life cycle:
+1. The gRPC server starts at once; health says NOT_SERVING and Generate answers UNAVAILABLE.
+2. vLLM's engine starts in a worker thread (tens of seconds); then health says SERVING.
+3. SIGTERM (or SIGINT): admit nothing new, let every request in flight finish, then exit 0.
+   The Drain RPC does step 3's first part only; the process stays up until it is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sloserve.replica.control_service import ControlService
+from sloserve.replica.engine import EngineSettings, LoadListener, build_engine
+from sloserve.replica.inference_service import InferenceService
+from sloserve.replica.metrics import ReplicaMetrics
+from sloserve.replica.runtime import SERVICE_NAMES, ReplicaRuntime
+from sloserve.replica.state import ReplicaState
+from sloserve.replica.validation import ModelLimits
+from sloserve.slo import SloCatalog
+
+log = logging.getLogger("sloserve.replica")
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    engine: EngineSettings
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int | None = 9400  # None: no metrics endpoint
+    classes_file: Path | None = None  # None: the built-in default classes
+    max_waiting: int = 256  # requests waiting for their first token before QUEUE_FULL
+    default_max_tokens: int = 256
+    drain_timeout_s: float = 300.0
+
+
+def _build_grpc_server(runtime: ReplicaRuntime) -> grpc.aio.Server:
+    from sloserve.v1 import inference_pb2_grpc, replica_control_pb2_grpc
+
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(runtime), server)
+    replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(ControlService(runtime), server)
+    runtime.health = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(runtime.health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return server
+
+
+async def _start_engine(settings: ReplicaSettings, runtime: ReplicaRuntime) -> None:
+    engine = await asyncio.to_thread(build_engine, settings.engine, runtime.listener)
+    runtime.engine = engine
+    runtime.tokenizer = engine.get_tokenizer()
+    runtime.limits = ModelLimits(
+        max_model_len=engine.model_config.max_model_len,
+        vocab_size=engine.model_config.get_vocab_size(),
+        default_max_tokens=settings.default_max_tokens,
+    )
+    runtime.state.ready = True
+    runtime.publish_health()
+    log.info("engine ready: %s", settings.engine.model)
+
+
+async def serve(settings: ReplicaSettings) -> int:
+    """Runs the replica until SIGTERM/SIGINT; returns the process exit code."""
+    catalog = SloCatalog.load(settings.classes_file) if settings.classes_file else SloCatalog.default()
+    runtime = ReplicaRuntime(
+        state=ReplicaState(catalog=catalog, max_waiting=settings.max_waiting),
+        metrics=ReplicaMetrics(),
+        listener=LoadListener(),
+    )
+    server = _build_grpc_server(runtime)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    runtime.publish_health()
+    runtime.metrics.bind_load(
+        lambda: runtime.listener.snapshot().running,
+        lambda: runtime.listener.snapshot().waiting,
+        lambda: runtime.listener.snapshot().kv_cache_usage,
+    )
+    if settings.metrics_port is not None:
+        metrics_port = runtime.metrics.serve(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
+    log.info("gRPC on %s:%d (engine starting)", settings.host, port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    engine_start = asyncio.create_task(_start_engine(settings, runtime))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({engine_start, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if engine_start.done() and engine_start.exception() is not None:
+        log.error("engine failed to start: %s", engine_start.exception())
+        await server.stop(grace=None)
+        return 1
+    await stopping
+
+    in_flight = runtime.start_drain()
+    log.info("draining: %d request(s) in flight", in_flight)
+    try:
+        await asyncio.wait_for(runtime.state.idle.wait(), settings.drain_timeout_s)
+    except TimeoutError:
+        log.warning("drain timed out with %d request(s) in flight", len(runtime.state.in_flight))
+    await server.stop(grace=5)
+    with contextlib.suppress(asyncio.CancelledError):
+        await engine_start  # a SIGTERM during start-up still waits for the engine to come up
+    if runtime.engine is not None:
+        runtime.engine.shutdown()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,175 @@
+"""Turns a GenerateRequest into what the engine runs, or names the field that is wrong."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sloserve.slo import Budgets, RequestSlo, SloCatalog
+from sloserve.v1 import inference_pb2, slo_pb2
+
+MAX_REQUEST_ID_LENGTH = 256
+
+
+class InvalidRequest(ValueError):
+    """Bad input; `field` is the request field at fault, in proto path form."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    max_model_len: int
+    vocab_size: int
+    default_max_tokens: int  # cap when a request sets no max_tokens
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    slo: RequestSlo
+
+
+def _duration_s(field: str, value: object, present: bool) -> float | None:
+    if not present:
+        return None
+    seconds = value.ToNanoseconds() / 1e9  # type: ignore[attr-defined]
+    if not seconds > 0:
+        raise InvalidRequest(field, "must be a positive duration")
+    return float(seconds)
+
+
+def budgets_from_proto(budgets: slo_pb2.SloBudgets, field: str) -> Budgets:
+    ttft = _duration_s(f"{field}.ttft", budgets.ttft, budgets.HasField("ttft"))
+    tpot = _duration_s(f"{field}.tpot", budgets.tpot, budgets.HasField("tpot"))
+    thinking = _duration_s(
+        f"{field}.thinking_tpot", budgets.thinking_tpot, budgets.HasField("thinking_tpot")
+    )
+    if ttft is None:
+        raise InvalidRequest(f"{field}.ttft", "is required with explicit budgets")
+    if tpot is None:
+        raise InvalidRequest(f"{field}.tpot", "is required with explicit budgets")
+    if budgets.thinking_tokens and thinking is None:
+        raise InvalidRequest(f"{field}.thinking_tokens", "needs thinking_tpot")
+    return Budgets(ttft, tpot, thinking, budgets.thinking_tokens)
+
+
+def resolve_slo(spec: slo_pb2.SloSpec, catalog: SloCatalog, field: str) -> tuple[str, Budgets]:
+    """(class name, budgets) a request asks for; class name "" for explicit budgets."""
+    target = spec.WhichOneof("target")
+    if target == "budgets":
+        return "", budgets_from_proto(spec.budgets, f"{field}.budgets")
+    name = spec.class_name if target == "class_name" else catalog.default_class
+    slo_class = catalog.get(name)
+    if slo_class is None:
+        raise InvalidRequest(
+            f"{field}.class_name", f"unknown SLO class {name!r}; known: {sorted(catalog.classes)}"
+        )
+    return slo_class.name, slo_class.budgets
+
+
+def _prompt_ids(
+    prompt: inference_pb2.Prompt,
+    tokenize: Callable[[str], Sequence[int]],
+    limits: ModelLimits,
+) -> list[int]:
+    kind = prompt.WhichOneof("kind")
+    if kind == "text":
+        if not prompt.text.strip():
+            raise InvalidRequest("prompt.text", "must not be empty")
+        ids = list(tokenize(prompt.text))
+        if not ids:
+            raise InvalidRequest("prompt.text", "tokenizes to no tokens")
+    elif kind == "token_ids":
+        ids = list(prompt.token_ids.ids)
+        if not ids:
+            raise InvalidRequest("prompt.token_ids", "must not be empty")
+        bad = next((t for t in ids if t >= limits.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(
+                "prompt.token_ids", f"token id {bad} is outside the vocabulary ({limits.vocab_size})"
+            )
+    else:
+        raise InvalidRequest("prompt", "is required: set text or token_ids")
+    # The model needs room for at least one generated token.
+    if len(ids) >= limits.max_model_len:
+        raise InvalidRequest(
+            "prompt",
+            f"{len(ids)} tokens leave no room in the model's context of "
+            f"{limits.max_model_len} tokens",
+        )
+    return ids
+
+
+def _sampling(params: inference_pb2.SamplingParams, prompt_len: int, limits: ModelLimits) -> Sampling:
+    room = limits.max_model_len - prompt_len
+    if params.HasField("max_tokens"):
+        max_tokens = params.max_tokens
+        if max_tokens < 1:
+            raise InvalidRequest("sampling.max_tokens", f"must be at least 1, got {max_tokens}")
+        if max_tokens > room:
+            raise InvalidRequest(
+                "sampling.max_tokens",
+                f"{max_tokens} tokens after a {prompt_len}-token prompt exceed the model's "
+                f"context of {limits.max_model_len} tokens (at most {room})",
+            )
+    else:
+        max_tokens = min(room, limits.default_max_tokens)
+    temperature = params.temperature if params.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidRequest("sampling.temperature", "must be a finite number >= 0")
+    top_p = params.top_p if params.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidRequest("sampling.top_p", "must be in (0, 1]")
+    if any(not s for s in params.stop):
+        raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=params.seed if params.HasField("seed") else None,
+        stop=tuple(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+
+
+def validate(
+    request: inference_pb2.GenerateRequest,
+    catalog: SloCatalog,
+    limits: ModelLimits,
+    tokenize: Callable[[str], Sequence[int]],
+    arrival_time: float | None = None,
+) -> ValidRequest:
+    """The engine's view of a request; raises InvalidRequest naming the first bad field."""
+    if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+    class_name, budgets = resolve_slo(request.slo, catalog, "slo")
+    ids = _prompt_ids(request.prompt, tokenize, limits)
+    sampling = _sampling(request.sampling, len(ids), limits)
+    slo = RequestSlo(
+        request_id=request.request_id or f"req-{uuid.uuid4().hex[:16]}",
+        class_name=class_name,
+        budgets=budgets,
+        allow_best_effort=request.allow_best_effort,
+        arrival_time=arrival_time if arrival_time is not None else time.time(),
+        tenant=request.tenant,
+        labels=dict(request.labels),
+    )
+    return ValidRequest(prompt_token_ids=ids, sampling=sampling, slo=slo)

@@ -1,0 +1,203 @@
+"""The `sloserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from sloserve.errors import SloserveError
+
+GiB = 1 << 30
+
+
+def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("replica", help="serve one vLLM engine with the SLO scheduler over gRPC")
+    p.add_argument("--model", type=Path, required=True, help="model directory (Hugging Face layout)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default: 50051)")
+    p.add_argument(
+        "--metrics-port", type=int, default=9400,
+        help="Prometheus /metrics port; -1 turns it off (default: 9400)",
+    )
+    p.add_argument("--classes", type=Path, help="SLO classes YAML (default: built-in classes)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument(
+        "--kv-cache-gib", type=float,
+        help="KV cache size in GiB (default: 1 on CPU, vLLM's own sizing on GPU)",
+    )
+    p.add_argument("--max-num-seqs", type=int, help="most requests per engine step")
+    p.add_argument("--max-num-batched-tokens", type=int, help="most tokens per engine step")
+    p.add_argument("--enforce-eager", action="store_true", help="skip graph compilation (faster start)")
+    p.add_argument("--dtype", default="auto", help="weight dtype (default: auto)")
+    p.add_argument("--load-format", default="auto", help="'dummy' for random weights of real shape")
+    p.add_argument(
+        "--max-waiting", type=int, default=256,
+        help="requests waiting for a first token before new ones get QUEUE_FULL (default: 256)",
+    )
+    p.add_argument(
+        "--default-max-tokens", type=int, default=256,
+        help="max_tokens of requests that set none (default: 256)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=300.0,
+        help="seconds SIGTERM waits for requests in flight (default: 300)",
+    )
+
+
+def _run_replica(args: argparse.Namespace) -> int:
+    from sloserve.replica.engine import EngineSettings
+    from sloserve.replica.server import ReplicaSettings, serve
+
+    kv_bytes = int(args.kv_cache_gib * GiB) if args.kv_cache_gib else None
+    if kv_bytes is None:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            kv_bytes = GiB  # vLLM's CPU default reserves most of the machine's memory
+    settings = ReplicaSettings(
+        engine=EngineSettings(
+            model=args.model,
+            max_model_len=args.max_model_len,
+            kv_cache_bytes=kv_bytes,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager,
+            dtype=args.dtype,
+            load_format=args.load_format,
+        ),
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        classes_file=args.classes,
+        max_waiting=args.max_waiting,
+        default_max_tokens=args.default_max_tokens,
+        drain_timeout_s=args.drain_timeout,
+    )
+    return asyncio.run(serve(settings))
+
+
+def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("model", help="build local models")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    tiny = kinds.add_parser("tiny", help="a small random-weight Llama model and tokenizer")
+    tiny.add_argument("dir", type=Path, help="directory to write the model into")
+    tiny.add_argument("--seed", type=int, default=0)
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    from sloserve.tiny_model import TINY, build_model
+
+    out = build_model(args.dir, TINY, seed=args.seed)
+    print(f"wrote tiny model to {out}")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("generate", help="stream one generation from a replica or gateway")
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--endpoint", default="localhost:50051", help="HOST:PORT (default: localhost:50051)")
+    p.add_argument("--class", dest="slo_class", help="SLO class name (default: the server's)")
+    p.add_argument("--ttft-ms", type=float, help="explicit TTFT budget (with --tpot-ms)")
+    p.add_argument("--tpot-ms", type=float, help="explicit TPOT budget (with --ttft-ms)")
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens")
+    p.add_argument("--best-effort", action="store_true", help="accept best-effort service")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from sloserve.client import Client, GenerationResult, build_request
+
+    request = build_request(
+        args.prompt,
+        slo_class=args.slo_class,
+        ttft_s=args.ttft_ms / 1000 if args.ttft_ms is not None else None,
+        tpot_s=args.tpot_ms / 1000 if args.tpot_ms is not None else None,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        allow_best_effort=args.best_effort,
+    )
+    result = GenerationResult(sent_at=time.time())
+    with Client(args.endpoint, timeout_s=args.timeout) as client:
+        for response in client.stream(request):
+            result.feed(response, time.time())
+            if response.WhichOneof("event") == "delta":
+                sys.stdout.write(response.delta.text)
+                sys.stdout.flush()
+    outcome = result.slo_outcome
+    verdict = "attained" if outcome.attained else "missed"
+    mode = "best effort" if result.best_effort else f"class {result.class_name or '(budgets)'}"
+    print()
+    print(
+        f"-- {result.completion_tokens} tokens ({result.finish_reason}), {mode}\n"
+        f"-- TTFT {_ms(result.ttft_s)}, TPOT {_ms(result.mean_tpot_s)} (client clock)\n"
+        f"-- SLO {verdict}: TTFT {'met' if outcome.ttft_met else 'missed'}, "
+        f"TPOT {'met' if outcome.tpot_met else 'missed'} ({outcome.late_tokens} late tokens; "
+        "server clock)"
+    )
+    return 0
+
+
+def _add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("health", help="check a server's gRPC health; optionally wait for SERVING")
+    p.add_argument("--endpoint", default="localhost:50051", help="HOST:PORT (default: localhost:50051)")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for SERVING")
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + args.wait
+    with grpc.insecure_channel(args.endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as error:
+                name = f"UNREACHABLE ({error.code().name})"  # type: ignore[attr-defined]
+            if name == "SERVING" or time.monotonic() >= deadline:
+                print(name)
+                return 0 if name == "SERVING" else 1
+            time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sloserve", description="SLO-aware LLM serving")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_replica(sub)
+    _add_model(sub)
+    _add_generate(sub)
+    _add_health(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    runners = {"replica": _run_replica, "model": _run_model, "generate": _run_generate,
+               "health": _run_health}
+    try:
+        return runners[args.command](args)
+    except SloserveError as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Builds a small random-weight Llama model and its tokenizer, for tests and local runs.
+
+There is no model hub here, so the project makes its own model: real Llama architecture,
+real byte-level BPE tokenizer, random weights. vLLM loads it like any Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Text the tokenizer learns its merges from. Any text will tokenize (byte-level BPE falls back
+# to single bytes); this only makes common English words cost fewer tokens.
+_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. "
+    "hello world, this is a small model for serving tests. "
+    "please write a function that returns the sum of two numbers. "
+    "summarize the following document in three sentences. "
+    "think step by step and then answer the question. "
+    "call the weather tool for the city and report the temperature. "
+    "once upon a time there was a request that met its deadline. "
+)
+
+SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture knobs of a generated Llama model."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2  # head_dim 64: vLLM's CPU attention rejects 16
+    intermediate_size: int = 256
+    vocab_size: int = 1024
+    max_position_embeddings: int = 1024
+
+
+TINY = ModelShape()
+
+
+def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":  # noqa: F821
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+
+
+def build_model(out_dir: Path, shape: ModelShape = TINY, seed: int = 0) -> Path:
+    """Writes a random-weight Llama checkpoint and tokenizer to out_dir; returns out_dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(shape.vocab_size)
+    vocab_size = len(tokenizer)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "sloserve-model.json").write_text(
+        json.dumps({"generator": "sloserve tiny_model", "seed": seed, **shape.__dict__}, indent=2)
+    )
+    return out_dir

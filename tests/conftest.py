@@ -1,0 +1,126 @@
+"""Shared fixtures: the tiny model, and real replica processes (vLLM on CPU, real gRPC).
+
+A replica costs about 20 s to start, so the main one is started once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / ".models" / "tiny"
+CLASSES = Path(__file__).with_name("classes.yaml")
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Replica:
+    """A `sloserve replica` subprocess on the tiny model."""
+
+    workdir: Path
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def trace_path(self) -> Path:
+        return self.workdir / "scheduler-trace.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "replica.log"
+
+    def start(self) -> None:
+        env = dict(os.environ, SLOSERVE_SCHEDULER_TRACE=str(self.trace_path))
+        command = [
+            sys.executable, "-m", "sloserve", "replica",
+            "--model", str(TINY_MODEL),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--metrics-port", str(self.metrics_port),
+            "--classes", str(CLASSES),
+            "--kv-cache-gib", "0.25",
+            "--enforce-eager",
+            *self.args,
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def health(self) -> str:
+        """SERVING, NOT_SERVING, or UNREACHABLE while the gRPC server is not up."""
+        with grpc.insecure_channel(self.endpoint) as channel:
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+            except grpc.RpcError:
+                return "UNREACHABLE"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status.status))
+
+    def wait_until(self, status: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.health() != status:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"replica exited:\n{self.log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica not {status} after {timeout_s} s")
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    if not (TINY_MODEL / "config.json").exists():
+        from sloserve.tiny_model import build_model
+
+        build_model(TINY_MODEL)
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def replica(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    """The shared replica, ready to serve."""
+    server = Replica(workdir=tmp_path_factory.mktemp("replica"))
+    server.start()
+    try:
+        server.wait_until("SERVING")
+        yield server
+    finally:
+        server.stop()

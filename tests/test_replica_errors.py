@@ -1,0 +1,80 @@
+"""Bad input gets INVALID_ARGUMENT naming the field, over real gRPC to a real replica."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from conftest import Replica
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from sloserve.client import Client, build_request
+from sloserve.errors import InvalidArgumentError
+from sloserve.v1 import inference_pb2, inference_pb2_grpc, replica_control_pb2
+from sloserve.v1 import replica_control_pb2_grpc as control_grpc
+
+MAX_MODEL_LEN = 1024  # the tiny model's context
+
+CASES = {
+    "empty prompt text": (build_request("", max_tokens=4), "prompt.text"),
+    "blank prompt text": (build_request("   ", max_tokens=4), "prompt.text"),
+    "empty token ids": (
+        inference_pb2.GenerateRequest(prompt=inference_pb2.Prompt(token_ids={"ids": []})),
+        "prompt.token_ids",
+    ),
+    "no prompt": (inference_pb2.GenerateRequest(), "prompt"),
+    "max_tokens zero": (build_request("hi", max_tokens=0), "sampling.max_tokens"),
+    "max_tokens negative": (build_request("hi", max_tokens=-3), "sampling.max_tokens"),
+    "max_tokens past context": (
+        build_request("hi", max_tokens=MAX_MODEL_LEN + 1), "sampling.max_tokens"
+    ),
+    "unknown class": (build_request("hi", slo_class="platinum"), "slo.class_name"),
+    "oversized prompt": (build_request([5] * (MAX_MODEL_LEN + 10)), "prompt"),
+    "token id outside vocabulary": (build_request([5, 10**6]), "prompt.token_ids"),
+    "budgets without tpot": (build_request("hi", ttft_s=1.0), "slo.budgets.tpot"),
+    "negative temperature": (build_request("hi", temperature=-1.0), "sampling.temperature"),
+    "top_p zero": (build_request("hi", top_p=0.0), "sampling.top_p"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_invalid_argument_naming_the_field(replica: Replica, case: str) -> None:
+    request, field = CASES[case]
+    with grpc.insecure_channel(replica.endpoint) as channel:
+        call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=30)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(call)
+    error = raised.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(f"{field}: ")
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == field
+
+
+def test_client_raises_typed_error_with_field(replica: Replica) -> None:
+    with Client(replica.endpoint, timeout_s=30) as client, pytest.raises(InvalidArgumentError) as e:
+        client.generate("hi", slo_class="platinum")
+    assert e.value.field == "slo.class_name"
+    assert "platinum" in e.value.message
+
+
+def test_max_tokens_filling_the_context_exactly_is_accepted(replica: Replica) -> None:
+    prompt = [5] * 1000
+    with Client(replica.endpoint, timeout_s=60) as client:
+        result = client.generate(prompt, max_tokens=MAX_MODEL_LEN - len(prompt), ignore_eos=True)
+    assert result.completion_tokens == MAX_MODEL_LEN - len(prompt)
+
+
+def test_configure_rejects_a_default_class_that_does_not_exist(replica: Replica) -> None:
+    with grpc.insecure_channel(replica.endpoint) as channel:
+        stub = control_grpc.ReplicaControlStub(channel)
+        request = replica_control_pb2.ConfigureRequest(default_class="nope")
+        request.classes.add(name="solo").budgets.ttft.FromMilliseconds(100)
+        request.classes[0].budgets.tpot.FromMilliseconds(10)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Configure(request, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("default_class: ")
