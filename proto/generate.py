@@ -41,7 +41,9 @@ def generate(out_root: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT, help="root to write sloserve/v1 under")
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT, help="root to write sloserve/v1 under"
+    )
     args = parser.parse_args()
     for path in generate(args.out):
         print(path)

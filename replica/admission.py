@@ -15,7 +15,7 @@ from sloserve.v1 import slo_pb2
 @dataclass(frozen=True)
 class Decision:
     admit: bool
-    reason: int = slo_pb2.REJECT_REASON_UNSPECIFIED  # a RejectReason when not admitted
+    reason: slo_pb2.RejectReason = slo_pb2.REJECT_REASON_UNSPECIFIED
     predicted_ttft_s: float = 0.0
     retry_after_s: float = 0.0
 

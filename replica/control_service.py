@@ -9,8 +9,8 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from sloserve import errors
-from sloserve.replica.admission import decide
 from sloserve.protoconv import budgets_to_proto, duration
+from sloserve.replica.admission import decide
 from sloserve.replica.runtime import ReplicaRuntime
 from sloserve.replica.validation import InvalidRequest, budgets_from_proto, resolve_slo
 from sloserve.slo import SloCatalog, SloClass, SloConfigError
@@ -20,7 +20,7 @@ from sloserve.v1 import replica_control_pb2_grpc, slo_pb2
 MIN_REPORT_INTERVAL_S = 0.05
 
 
-class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):  # type: ignore[misc]
+class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):
     def __init__(self, runtime: ReplicaRuntime) -> None:
         self._rt = runtime
 
@@ -29,7 +29,7 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):  # type: 
             errors.to_grpc_status(errors.invalid_argument(bad.field, bad.description))
         )
 
-    async def Probe(  # noqa: N802
+    async def Probe(
         self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProbeResponse:
         state = self._rt.state
@@ -76,7 +76,7 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):  # type: 
             ],
         )
 
-    async def WatchLoad(  # noqa: N802
+    async def WatchLoad(
         self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchLoadResponse]:
         interval = request.interval.ToNanoseconds() / 1e9 if request.HasField("interval") else 0
@@ -85,7 +85,7 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):  # type: 
             yield pb.WatchLoadResponse(report=self.load_report())
             await asyncio.sleep(interval)
 
-    async def Configure(  # noqa: N802
+    async def Configure(
         self, request: pb.ConfigureRequest, context: grpc.aio.ServicerContext
     ) -> pb.ConfigureResponse:
         try:
@@ -115,7 +115,7 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):  # type: 
             default_class=catalog.default_class,
         )
 
-    async def Drain(  # noqa: N802
+    async def Drain(
         self, request: pb.DrainRequest, context: grpc.aio.ServicerContext
     ) -> pb.DrainResponse:
         return pb.DrainResponse(in_flight=self._rt.start_drain())

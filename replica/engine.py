@@ -54,7 +54,7 @@ class LoadListener:
     def stat_logger_factory(self) -> Any:
         listener = self
 
-        class _Logger(StatLoggerBase):  # type: ignore[misc]
+        class _Logger(StatLoggerBase):
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
 
@@ -68,8 +68,7 @@ class LoadListener:
                 if scheduler_stats is not None:
                     listener.update(
                         scheduler_stats.num_running_reqs,
-                        scheduler_stats.num_waiting_reqs
-                        + scheduler_stats.num_skipped_waiting_reqs,
+                        scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
                         scheduler_stats.kv_cache_usage,
                     )
 

@@ -13,10 +13,10 @@ from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
 from sloserve import errors
+from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
 from sloserve.replica.admission import decide
 from sloserve.replica.runtime import ReplicaRuntime
 from sloserve.replica.validation import InvalidRequest, ValidRequest, validate
-from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
 from sloserve.slo import judge
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, slo_pb2
 
@@ -42,21 +42,23 @@ def _vllm_sampling(valid: ValidRequest) -> SamplingParams:
     )
 
 
-class InferenceService(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
+class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, runtime: ReplicaRuntime) -> None:
         self._rt = runtime
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         arrival = time.time()
         rt, state = self._rt, self._rt.state
-        if not state.ready or rt.limits is None:
+        limits = rt.limits
+        if not state.ready or limits is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is starting")
+            return  # not reached: abort raises
         if state.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is draining")
         try:
-            valid = validate(request, state.catalog, rt.limits, rt.tokenize, arrival)
+            valid = validate(request, state.catalog, limits, rt.tokenize, arrival)
         except InvalidRequest as bad:
             rt.metrics.requests.labels(request.slo.class_name, "invalid").inc()
             await context.abort_with_status(

@@ -56,7 +56,8 @@ class SloPolicyMixin:
         self._slo_trace = _EventTrace(os.environ.get(TRACE_ENV))
 
     def add_request(self, request: Request) -> None:
-        slo = RequestSlo.from_extra_args(request.sampling_params.extra_args)
+        params = request.sampling_params
+        slo = RequestSlo.from_extra_args(params.extra_args) if params is not None else None
         if slo is not None:
             self.slo_by_request[request.request_id] = slo
             self._slo_trace.write(

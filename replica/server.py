@@ -74,7 +74,9 @@ async def _start_engine(settings: ReplicaSettings, runtime: ReplicaRuntime) -> N
 
 async def serve(settings: ReplicaSettings) -> int:
     """Runs the replica until SIGTERM/SIGINT; returns the process exit code."""
-    catalog = SloCatalog.load(settings.classes_file) if settings.classes_file else SloCatalog.default()
+    catalog = (
+        SloCatalog.load(settings.classes_file) if settings.classes_file else SloCatalog.default()
+    )
     runtime = ReplicaRuntime(
         state=ReplicaState(catalog=catalog, max_waiting=settings.max_waiting),
         metrics=ReplicaMetrics(),

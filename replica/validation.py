@@ -104,7 +104,8 @@ def _prompt_ids(
         bad = next((t for t in ids if t >= limits.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(
-                "prompt.token_ids", f"token id {bad} is outside the vocabulary ({limits.vocab_size})"
+                "prompt.token_ids",
+                f"token id {bad} is outside the vocabulary ({limits.vocab_size})",
             )
     else:
         raise InvalidRequest("prompt", "is required: set text or token_ids")
@@ -118,7 +119,9 @@ def _prompt_ids(
     return ids
 
 
-def _sampling(params: inference_pb2.SamplingParams, prompt_len: int, limits: ModelLimits) -> Sampling:
+def _sampling(
+    params: inference_pb2.SamplingParams, prompt_len: int, limits: ModelLimits
+) -> Sampling:
     room = limits.max_model_len - prompt_len
     if params.HasField("max_tokens"):
         max_tokens = params.max_tokens

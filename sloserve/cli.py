@@ -15,34 +15,47 @@ GiB = 1 << 30
 
 def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("replica", help="serve one vLLM engine with the SLO scheduler over gRPC")
-    p.add_argument("--model", type=Path, required=True, help="model directory (Hugging Face layout)")
+    p.add_argument(
+        "--model", type=Path, required=True, help="model directory (Hugging Face layout)"
+    )
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default: 50051)")
     p.add_argument(
-        "--metrics-port", type=int, default=9400,
+        "--metrics-port",
+        type=int,
+        default=9400,
         help="Prometheus /metrics port; -1 turns it off (default: 9400)",
     )
     p.add_argument("--classes", type=Path, help="SLO classes YAML (default: built-in classes)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
-        "--kv-cache-gib", type=float,
+        "--kv-cache-gib",
+        type=float,
         help="KV cache size in GiB (default: 1 on CPU, vLLM's own sizing on GPU)",
     )
     p.add_argument("--max-num-seqs", type=int, help="most requests per engine step")
     p.add_argument("--max-num-batched-tokens", type=int, help="most tokens per engine step")
-    p.add_argument("--enforce-eager", action="store_true", help="skip graph compilation (faster start)")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="skip graph compilation (faster start)"
+    )
     p.add_argument("--dtype", default="auto", help="weight dtype (default: auto)")
     p.add_argument("--load-format", default="auto", help="'dummy' for random weights of real shape")
     p.add_argument(
-        "--max-waiting", type=int, default=256,
+        "--max-waiting",
+        type=int,
+        default=256,
         help="requests waiting for a first token before new ones get QUEUE_FULL (default: 256)",
     )
     p.add_argument(
-        "--default-max-tokens", type=int, default=256,
+        "--default-max-tokens",
+        type=int,
+        default=256,
         help="max_tokens of requests that set none (default: 256)",
     )
     p.add_argument(
-        "--drain-timeout", type=float, default=300.0,
+        "--drain-timeout",
+        type=float,
+        default=300.0,
         help="seconds SIGTERM waits for requests in flight (default: 300)",
     )
 
@@ -98,7 +111,9 @@ def _run_model(args: argparse.Namespace) -> int:
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("generate", help="stream one generation from a replica or gateway")
     p.add_argument("prompt", help="prompt text")
-    p.add_argument("--endpoint", default="localhost:50051", help="HOST:PORT (default: localhost:50051)")
+    p.add_argument(
+        "--endpoint", default="localhost:50051", help="HOST:PORT (default: localhost:50051)"
+    )
     p.add_argument("--class", dest="slo_class", help="SLO class name (default: the server's)")
     p.add_argument("--ttft-ms", type=float, help="explicit TTFT budget (with --tpot-ms)")
     p.add_argument("--tpot-ms", type=float, help="explicit TPOT budget (with --ttft-ms)")
@@ -153,7 +168,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("health", help="check a server's gRPC health; optionally wait for SERVING")
-    p.add_argument("--endpoint", default="localhost:50051", help="HOST:PORT (default: localhost:50051)")
+    p.add_argument(
+        "--endpoint", default="localhost:50051", help="HOST:PORT (default: localhost:50051)"
+    )
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for SERVING")
 
 
@@ -171,7 +188,7 @@ def _run_health(args: argparse.Namespace) -> int:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                 name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             except grpc.RpcError as error:
-                name = f"UNREACHABLE ({error.code().name})"  # type: ignore[attr-defined]
+                name = f"UNREACHABLE ({error.code().name})"
             if name == "SERVING" or time.monotonic() >= deadline:
                 print(name)
                 return 0 if name == "SERVING" else 1
@@ -190,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    runners = {"replica": _run_replica, "model": _run_model, "generate": _run_generate,
-               "health": _run_health}
+    runners = {
+        "replica": _run_replica,
+        "model": _run_model,
+        "generate": _run_generate,
+        "health": _run_health,
+    }
     try:
         return runners[args.command](args)
     except SloserveError as error:

@@ -136,7 +136,9 @@ class Client:
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._timeout = timeout_s
 
-    def stream(self, request: inference_pb2.GenerateRequest) -> Iterator[inference_pb2.GenerateResponse]:
+    def stream(
+        self, request: inference_pb2.GenerateRequest
+    ) -> Iterator[inference_pb2.GenerateResponse]:
         """The raw response stream; cancelled when the iterator is closed."""
         call = self._stub.Generate(request, timeout=self._timeout)
         try:
@@ -160,7 +162,10 @@ class Client:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -200,6 +205,9 @@ class AsyncClient:
         return self
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()

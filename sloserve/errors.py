@@ -93,7 +93,7 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     """The google.rpc.Status a server attached, from sync and asyncio errors alike."""
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+    for key, value in error.trailing_metadata() or ():
         if key == _STATUS_DETAILS_KEY:
             return status_pb2.Status.FromString(value)
     return None
@@ -124,8 +124,8 @@ def _details(error: grpc.RpcError) -> _Details:
 
 def from_rpc_error(error: grpc.RpcError) -> SloserveError:
     """The typed exception for a failed call, with the details the server attached."""
-    code = error.code()  # type: ignore[attr-defined]
-    message = error.details() or ""  # type: ignore[attr-defined]
+    code = error.code()
+    message = error.details() or ""
     details = _details(error)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgumentError(message, details.field or "")

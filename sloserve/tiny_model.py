@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # Text the tokenizer learns its merges from. Any text will tokenize (byte-level BPE falls back
 # to single bytes); this only makes common English words cost fewer tokens.
@@ -40,7 +44,7 @@ class ModelShape:
 TINY = ModelShape()
 
 
-def build_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":  # noqa: F821
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -83,7 +87,7 @@ def build_model(out_dir: Path, shape: ModelShape = TINY, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -17,6 +17,7 @@ def _load(replica: Replica) -> replica_control_pb2.LoadReport:
         stub = replica_control_pb2_grpc.ReplicaControlStub(channel)
         stream = stub.WatchLoad(replica_control_pb2.WatchLoadRequest(), timeout=10)
         report = next(iter(stream)).report
+        assert isinstance(report, replica_control_pb2.LoadReport)
         stream.cancel()
     return report
 
@@ -27,9 +28,7 @@ def _trace_events(replica: Replica, request_id: str) -> list[dict[str, object]]:
 
 
 def test_cancel_aborts_request_in_engine_and_frees_kv_cache(replica: Replica) -> None:
-    request = build_request(
-        "a long story", max_tokens=900, ignore_eos=True, request_id="cancel-me"
-    )
+    request = build_request("a long story", max_tokens=900, ignore_eos=True, request_id="cancel-me")
     with grpc.insecure_channel(replica.endpoint) as channel:
         call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
         received = 0

@@ -26,7 +26,8 @@ CASES = {
     "max_tokens zero": (build_request("hi", max_tokens=0), "sampling.max_tokens"),
     "max_tokens negative": (build_request("hi", max_tokens=-3), "sampling.max_tokens"),
     "max_tokens past context": (
-        build_request("hi", max_tokens=MAX_MODEL_LEN + 1), "sampling.max_tokens"
+        build_request("hi", max_tokens=MAX_MODEL_LEN + 1),
+        "sampling.max_tokens",
     ),
     "unknown class": (build_request("hi", slo_class="platinum"), "slo.class_name"),
     "oversized prompt": (build_request([5] * (MAX_MODEL_LEN + 10)), "prompt"),

@@ -21,7 +21,9 @@ MAX_WAITING = 2
 
 
 @pytest.fixture(scope="module")
-def starting_replica(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+def starting_replica(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replica]:
     """A replica of its own (the drain test stops it), not yet waited for."""
     server = Replica(
         workdir=tmp_path_factory.mktemp("lifecycle"), args=["--max-waiting", str(MAX_WAITING)]
@@ -70,7 +72,8 @@ def test_flood_past_the_queue_bound_is_rejected_with_reason(starting_replica: Re
 
 def test_sigterm_drains_without_losing_a_request(starting_replica: Replica) -> None:
     starting_replica.wait_until("SERVING")
-    assert starting_replica.process is not None
+    process = starting_replica.process
+    assert process is not None
     streams = 6
 
     async def drain() -> tuple[list[GenerationResult], float, BaseException | None]:
@@ -90,7 +93,7 @@ def test_sigterm_drains_without_losing_a_request(starting_replica: Replica) -> N
                 tasks.append(asyncio.create_task(run(i)))
                 await asyncio.wait_for(started[i].wait(), 60)
             sigterm_at = time.time()
-            os.kill(starting_replica.process.pid, signal.SIGTERM)
+            os.kill(process.pid, signal.SIGTERM)
             await asyncio.sleep(0.3)
             late: BaseException | None = None
             try:
@@ -106,4 +109,4 @@ def test_sigterm_drains_without_losing_a_request(starting_replica: Replica) -> N
         assert result.finish_reason == "length"
         assert result.completion_tokens == len(result.token_ids) == 1000
         assert result.token_times[-1] > sigterm_at, "the stream was in flight at SIGTERM"
-    assert starting_replica.process.wait(60) == 0
+    assert process.wait(60) == 0

@@ -20,7 +20,9 @@ def test_stream_is_admission_then_tokens_then_completion(replica: Replica) -> No
     with Client(replica.endpoint, timeout_s=60) as client:
         events = list(
             client.stream(
-                build_request("the quick brown fox", slo_class="coding", max_tokens=12, ignore_eos=True)
+                build_request(
+                    "the quick brown fox", slo_class="coding", max_tokens=12, ignore_eos=True
+                )
             )
         )
     kinds = [e.WhichOneof("event") for e in events]
