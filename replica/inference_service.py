@@ -46,6 +46,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, runtime: ReplicaRuntime) -> None:
         self._rt = runtime
 
+    def _undelivered_text(self, token_ids: list[int], streamed: str) -> str:
+        """Text the incremental detokenizer held back at the end of the stream.
+
+        vLLM withholds trailing bytes that do not yet form a whole UTF-8 character; when the
+        stream ends there, the full decode shows them (as U+FFFD). Sending that tail keeps the
+        invariant that the streamed text is the decode of the streamed tokens.
+        """
+        full: str = self._rt.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return full[len(streamed) :] if full.startswith(streamed) else ""
+
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -96,6 +106,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 )
             )
             token_times: list[float] = []
+            token_ids: list[int] = []
+            streamed_text = ""
             finish_reason: str | None = None
             outputs = rt.engine.generate(
                 {"prompt_token_ids": valid.prompt_token_ids}, _vllm_sampling(valid), slo.request_id
@@ -110,6 +122,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         if entry.first_token_time is None:
                             state.first_token(entry, now)
                         token_times.extend([now] * len(completion.token_ids))
+                        token_ids.extend(completion.token_ids)
+                        streamed_text += completion.text
                         yield inference_pb2.GenerateResponse(
                             delta=inference_pb2.TokenDelta(
                                 token_ids=completion.token_ids, text=completion.text
@@ -123,6 +137,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     f"the engine ended the request ({finish_reason}) after "
                     f"{len(token_times)} tokens",
                 )
+            tail = self._undelivered_text(token_ids, streamed_text)
+            if tail:
+                yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(text=tail))
             outcome = judge(arrival, token_times, slo.budgets)
             attained = outcome.met
             outcome_label = "attained" if attained else "missed"

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from conftest import Replica
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from sloserve.client import AsyncClient, Client, build_request
@@ -65,7 +66,8 @@ def test_sixteen_concurrent_streams(replica: Replica, tiny_model: object) -> Non
         assert result.request_id == f"concurrent-{i}"  # type: ignore[attr-defined]
         assert result.completion_tokens == len(result.token_ids) == 24 + i  # type: ignore[attr-defined]
         # The text deltas add up to the decoded tokens: nothing lost or repeated.
-        assert result.text == tokenizer.decode(result.token_ids)  # type: ignore[attr-defined]
+        decoded = tokenizer.decode(result.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+        assert result.text == decoded  # type: ignore[attr-defined]
     # They really ran at the same time: every stream started before any had finished.
     first_tokens = [r.token_times[0] for r in results]  # type: ignore[attr-defined]
     last_tokens = [r.token_times[-1] for r in results]  # type: ignore[attr-defined]
@@ -104,20 +106,21 @@ def test_metrics_count_requests_by_class_and_outcome(replica: Replica) -> None:
         client.generate("metrics", slo_class="chat", max_tokens=8, ignore_eos=True)
     text = urllib.request.urlopen(replica.metrics_url, timeout=10).read().decode()
     samples = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }
     served = sum(
-        samples.get(f'sloserve_requests_total{{slo_class="chat",outcome="{outcome}"}}', 0)
-        for outcome in ("attained", "missed")
+        samples.get(("sloserve_requests_total", (("outcome", o), ("slo_class", "chat"))), 0)
+        for o in ("attained", "missed")
     )
     assert served >= 1
-    assert samples['sloserve_ttft_seconds_count{slo_class="chat"}'] >= 1
-    assert samples['sloserve_tpot_seconds_count{slo_class="chat"}'] >= 1
-    assert "sloserve_running_requests" in samples
-    assert "sloserve_waiting_requests" in samples
-    assert samples["sloserve_ready"] == 1
+    chat = (("slo_class", "chat"),)
+    assert samples[("sloserve_ttft_seconds_count", chat)] >= 1
+    assert samples[("sloserve_tpot_seconds_count", chat)] >= 1
+    assert ("sloserve_running_requests", ()) in samples
+    assert ("sloserve_waiting_requests", ()) in samples
+    assert samples[("sloserve_ready", ())] == 1
 
 
 @pytest.mark.parametrize("slo_class", ["chat", "coding"])
