@@ -11,7 +11,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from sloserve.replica.scheduler import scheduler_class_for
+from sloserve.replica.scheduler import CONFIG_KEY, scheduler_class_for
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class EngineSettings:
     enforce_eager: bool = False
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy" on a GPU gives real shapes without weights
+    step_socket: Path | None = None  # where the scheduler reports executed steps (steps.py)
     extra: dict[str, Any] = field(default_factory=dict)  # further AsyncEngineArgs fields
 
 
@@ -86,6 +87,9 @@ def engine_args(settings: EngineSettings) -> AsyncEngineArgs:
         "load_format": settings.load_format,
         **settings.extra,
     }
+    if settings.step_socket is not None:
+        # additional_config is how settings reach the scheduler in the engine-core process.
+        kwargs["additional_config"] = {CONFIG_KEY: {"step_socket": str(settings.step_socket)}}
     optional = {
         "max_model_len": settings.max_model_len,
         "kv_cache_memory_bytes": settings.kv_cache_bytes,

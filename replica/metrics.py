@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from sloserve.replica.steps import StepRecord
+from sloserve.stepmodel import StepTimeModel
+
 # Latency buckets from 5 ms to 60 s: TPOT lives at the low end, TTFT of long prompts high.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 60)
 
@@ -55,6 +58,46 @@ class ReplicaMetrics:
         self.draining = Gauge(
             "sloserve_draining", "1 while the replica drains.", registry=self.registry
         )
+        self.step_seconds = Histogram(
+            "sloserve_step_seconds",
+            "Duration of each executed engine step.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.step_tokens = Histogram(
+            "sloserve_step_tokens",
+            "Tokens computed in each executed engine step.",
+            buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=self.registry,
+        )
+        self.step_model_error = Histogram(
+            "sloserve_step_model_relative_error",
+            "Measured step time / step-time model prediction - 1, per step.",
+            buckets=(-0.5, -0.25, -0.1, -0.05, 0, 0.05, 0.1, 0.25, 0.5, 1, 2),
+            registry=self.registry,
+        )
+        self.step_model_mape = Gauge(
+            "sloserve_step_model_mape",
+            "Moving average of the step-time model's absolute percentage error (drift).",
+            registry=self.registry,
+        )
+        self._mape: float | None = None
+
+    def observe_step(self, record: StepRecord, model: StepTimeModel | None) -> None:
+        """Called for every executed step (from the step receiver's thread)."""
+        self.step_seconds.observe(record.seconds)
+        self.step_tokens.observe(record.shape.tokens)
+        if model is None:
+            return
+        predicted = model.predict(record.shape)
+        if predicted <= 0:
+            return
+        error = record.seconds / predicted - 1.0
+        self.step_model_error.observe(error)
+        sample = abs(error) * 100
+        # About the last 200 steps: slow enough to ignore one odd step, fast enough to show drift.
+        self._mape = sample if self._mape is None else self._mape + 0.005 * (sample - self._mape)
+        self.step_model_mape.set(self._mape)
 
     def bind_load(
         self, running: Callable[[], float], waiting: Callable[[], float], kv: Callable[[], float]

@@ -18,14 +18,19 @@ import time
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from sloserve.replica.steps import StepRecord, StepSender
 from sloserve.slo import RequestSlo
+from sloserve.stepmodel import StepShape
 
 # When set, the scheduler appends one JSON line per SLO event to this file. It lets tests and
 # operators see what the engine core itself received, from outside its process.
 TRACE_ENV = "SLOSERVE_SCHEDULER_TRACE"
+# Key of sloserve's settings in vLLM's `additional_config`, which reaches the engine core.
+CONFIG_KEY = "sloserve"
 
 
 class _EventTrace:
@@ -48,12 +53,54 @@ class SloPolicyMixin:
 
     # Set in __init__; declared for type checkers.
     slo_by_request: dict[str, RequestSlo]
+    requests: dict[str, Request]
     _slo_trace: _EventTrace
+    _step_sender: StepSender | None
+    _steps_in_flight: dict[int, tuple[StepShape, int, float]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slo_by_request = {}
         self._slo_trace = _EventTrace(os.environ.get(TRACE_ENV))
+        settings = getattr(self, "vllm_config").additional_config.get(CONFIG_KEY, {})  # noqa: B009
+        socket_path = settings.get("step_socket")
+        self._step_sender = StepSender(socket_path) if socket_path else None
+        # Steps handed to the executor and not yet back, by id of their SchedulerOutput: one
+        # with sync scheduling, two with async scheduling (the next step is planned while the
+        # last one runs).
+        self._steps_in_flight = {}
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        output: SchedulerOutput = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        if self._step_sender is not None and output.total_num_scheduled_tokens > 0:
+            shape, prefill = self._shape_of(output)
+            self._steps_in_flight[id(output)] = (shape, prefill, time.perf_counter())
+        return output
+
+    def _shape_of(self, output: SchedulerOutput) -> tuple[StepShape, int]:
+        # schedule() has already advanced num_computed_tokens past this step's tokens, so it
+        # is the context the step's attention reads.
+        context = prefill = 0
+        for request_id, tokens in output.num_scheduled_tokens.items():
+            request = self.requests[request_id]
+            context += request.num_computed_tokens
+            if request.num_computed_tokens - tokens < request.num_prompt_tokens:
+                prefill += tokens
+        shape = StepShape(
+            tokens=output.total_num_scheduled_tokens,
+            requests=len(output.num_scheduled_tokens),
+            context_tokens=context,
+        )
+        return shape, prefill
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, *args: Any, **kwargs: Any
+    ) -> Any:
+        step = self._steps_in_flight.pop(id(scheduler_output), None)
+        if step is not None and self._step_sender is not None:
+            shape, prefill, started = step
+            self._step_sender.send(StepRecord(shape, prefill, time.perf_counter() - started))
+        return super().update_from_output(scheduler_output, *args, **kwargs)  # type: ignore[misc]
 
     def add_request(self, request: Request) -> None:
         params = request.sampling_params

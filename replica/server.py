@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +29,10 @@ from sloserve.replica.inference_service import InferenceService
 from sloserve.replica.metrics import ReplicaMetrics
 from sloserve.replica.runtime import SERVICE_NAMES, ReplicaRuntime
 from sloserve.replica.state import ReplicaState
+from sloserve.replica.steps import StepReceiver
 from sloserve.replica.validation import ModelLimits
 from sloserve.slo import SloCatalog
+from sloserve.stepmodel import StepTimeModel
 
 log = logging.getLogger("sloserve.replica")
 
@@ -39,6 +44,7 @@ class ReplicaSettings:
     port: int = 50051
     metrics_port: int | None = 9400  # None: no metrics endpoint
     classes_file: Path | None = None  # None: the built-in default classes
+    profile_file: Path | None = None  # step-time profile; None: no model-error metric
     max_waiting: int = 256  # requests waiting for their first token before QUEUE_FULL
     default_max_tokens: int = 256
     drain_timeout_s: float = 300.0
@@ -58,8 +64,10 @@ def _build_grpc_server(runtime: ReplicaRuntime) -> grpc.aio.Server:
     return server
 
 
-async def _start_engine(settings: ReplicaSettings, runtime: ReplicaRuntime) -> None:
-    engine = await asyncio.to_thread(build_engine, settings.engine, runtime.listener)
+async def _start_engine(
+    settings: ReplicaSettings, engine_settings: EngineSettings, runtime: ReplicaRuntime
+) -> None:
+    engine = await asyncio.to_thread(build_engine, engine_settings, runtime.listener)
     runtime.engine = engine
     runtime.tokenizer = engine.get_tokenizer()
     runtime.limits = ModelLimits(
@@ -82,6 +90,12 @@ async def serve(settings: ReplicaSettings) -> int:
         metrics=ReplicaMetrics(),
         listener=LoadListener(),
     )
+    step_model = StepTimeModel.load(settings.profile_file) if settings.profile_file else None
+    step_dir = Path(tempfile.mkdtemp(prefix="sloserve-replica-"))
+    steps = StepReceiver(
+        step_dir / "steps.sock", lambda record: runtime.metrics.observe_step(record, step_model)
+    )
+    engine_settings = dataclasses.replace(settings.engine, step_socket=steps.path)
     server = _build_grpc_server(runtime)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
@@ -101,12 +115,13 @@ async def serve(settings: ReplicaSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine_start = asyncio.create_task(_start_engine(settings, runtime))
+    engine_start = asyncio.create_task(_start_engine(settings, engine_settings, runtime))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({engine_start, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if engine_start.done() and engine_start.exception() is not None:
         log.error("engine failed to start: %s", engine_start.exception())
         await server.stop(grace=None)
+        steps.close()
         return 1
     await stopping
 
@@ -121,5 +136,7 @@ async def serve(settings: ReplicaSettings) -> int:
         await engine_start  # a SIGTERM during start-up still waits for the engine to come up
     if runtime.engine is not None:
         runtime.engine.shutdown()
+    steps.close()
+    shutil.rmtree(step_dir, ignore_errors=True)
     log.info("stopped")
     return 0

@@ -7,26 +7,20 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sloserve.errors import SloserveError
+
+if TYPE_CHECKING:
+    from sloserve.replica.engine import EngineSettings
 
 GiB = 1 << 30
 
 
-def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("replica", help="serve one vLLM engine with the SLO scheduler over gRPC")
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", type=Path, required=True, help="model directory (Hugging Face layout)"
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (default: 50051)")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=9400,
-        help="Prometheus /metrics port; -1 turns it off (default: 9400)",
-    )
-    p.add_argument("--classes", type=Path, help="SLO classes YAML (default: built-in classes)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument(
         "--kv-cache-gib",
@@ -40,6 +34,46 @@ def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("--dtype", default="auto", help="weight dtype (default: auto)")
     p.add_argument("--load-format", default="auto", help="'dummy' for random weights of real shape")
+
+
+def _engine_settings(args: argparse.Namespace) -> EngineSettings:
+    from sloserve.replica.engine import EngineSettings
+
+    kv_bytes = int(args.kv_cache_gib * GiB) if args.kv_cache_gib else None
+    if kv_bytes is None:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            kv_bytes = GiB  # vLLM's CPU default reserves most of the machine's memory
+    return EngineSettings(
+        model=args.model,
+        max_model_len=args.max_model_len,
+        kv_cache_bytes=kv_bytes,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
+        dtype=args.dtype,
+        load_format=args.load_format,
+    )
+
+
+def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("replica", help="serve one vLLM engine with the SLO scheduler over gRPC")
+    _add_engine_args(p)
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default: 50051)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="Prometheus /metrics port; -1 turns it off (default: 9400)",
+    )
+    p.add_argument("--classes", type=Path, help="SLO classes YAML (default: built-in classes)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="step-time profile (from `sloserve profile`); its live error becomes a metric",
+    )
     p.add_argument(
         "--max-waiting",
         type=int,
@@ -61,30 +95,15 @@ def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _run_replica(args: argparse.Namespace) -> int:
-    from sloserve.replica.engine import EngineSettings
     from sloserve.replica.server import ReplicaSettings, serve
 
-    kv_bytes = int(args.kv_cache_gib * GiB) if args.kv_cache_gib else None
-    if kv_bytes is None:
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            kv_bytes = GiB  # vLLM's CPU default reserves most of the machine's memory
     settings = ReplicaSettings(
-        engine=EngineSettings(
-            model=args.model,
-            max_model_len=args.max_model_len,
-            kv_cache_bytes=kv_bytes,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            enforce_eager=args.enforce_eager,
-            dtype=args.dtype,
-            load_format=args.load_format,
-        ),
+        engine=_engine_settings(args),
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         classes_file=args.classes,
+        profile_file=args.profile,
         max_waiting=args.max_waiting,
         default_max_tokens=args.default_max_tokens,
         drain_timeout_s=args.drain_timeout,
@@ -92,19 +111,61 @@ def _run_replica(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("profile", help="measure an engine's step times and fit the step-time model")
+    _add_engine_args(p)
+    p.add_argument(
+        "--out", type=Path, help="profile file to write (default: MODEL/step-profile.json)"
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller grid (about a minute)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from sloserve.replica.profiler import QUICK_GRID, Grid, profile
+    from sloserve.stepmodel import StepShape
+
+    out = args.out or args.model / "step-profile.json"
+    model, _ = profile(
+        _engine_settings(args),
+        QUICK_GRID if args.quick else Grid(),
+        seed=args.seed,
+        progress=lambda what: print(f"  {what}", file=sys.stderr),
+    )
+    model.save(out)
+    quality = model.quality
+    assert quality is not None
+    idle = model.idle_decode_s()
+    prefill_512 = model.predict(StepShape(tokens=512, requests=1, context_tokens=512))
+    print(f"wrote {out}")
+    print(f"steps: {quality.train_steps} fitted, {quality.heldout_steps} held out")
+    print(f"held-out R^2 {quality.r2:.4f}, MAPE {quality.mape:.2f}%")
+    print(f"pieces (s, s/token, s/request, s/context token): {model.pieces}")
+    print(f"residual quantiles: {model.residual_quantiles}")
+    print(
+        f"idle decode step {idle * 1000:.2f} ms; 512-token prefill chunk "
+        f"{prefill_512 * 1000:.2f} ms ({prefill_512 / idle:.1f}x)"
+    )
+    return 0
+
+
 def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("model", help="build local models")
     kinds = p.add_subparsers(dest="kind", required=True)
-    tiny = kinds.add_parser("tiny", help="a small random-weight Llama model and tokenizer")
-    tiny.add_argument("dir", type=Path, help="directory to write the model into")
-    tiny.add_argument("--seed", type=int, default=0)
+    for kind, purpose in (
+        ("tiny", "tests and local runs"),
+        ("bench", "benchmarks: step time grows with tokens on a CPU"),
+    ):
+        p_kind = kinds.add_parser(kind, help=f"a random-weight Llama model for {purpose}")
+        p_kind.add_argument("dir", type=Path, help="directory to write the model into")
+        p_kind.add_argument("--seed", type=int, default=0)
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    from sloserve.tiny_model import TINY, build_model
+    from sloserve.tiny_model import SHAPES, build_model
 
-    out = build_model(args.dir, TINY, seed=args.seed)
-    print(f"wrote tiny model to {out}")
+    out = build_model(args.dir, SHAPES[args.kind], seed=args.seed)
+    print(f"wrote {args.kind} model to {out}")
     return 0
 
 
@@ -195,23 +256,35 @@ def _run_health(args: argparse.Namespace) -> int:
             time.sleep(0.5)
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from sloserve.bench import cli as bench_cli
+
+    return bench_cli.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sloserve", description="SLO-aware LLM serving")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_replica(sub)
+    _add_profile(sub)
     _add_model(sub)
     _add_generate(sub)
     _add_health(sub)
+    from sloserve.bench import cli as bench_cli
+
+    bench_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     runners = {
         "replica": _run_replica,
+        "profile": _run_profile,
         "model": _run_model,
         "generate": _run_generate,
         "health": _run_health,
+        "bench": _run_bench,
     }
     try:
         return runners[args.command](args)

@@ -31,6 +31,7 @@ def build_request(
     ttft_s: float | None = None,
     tpot_s: float | None = None,
     thinking_tpot_s: float | None = None,
+    thinking_tokens: int = 0,
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -65,6 +66,7 @@ def build_request(
             budgets.tpot.CopyFrom(duration(tpot_s))
         if thinking_tpot_s is not None:
             budgets.thinking_tpot.CopyFrom(duration(thinking_tpot_s))
+        budgets.thinking_tokens = thinking_tokens
     sampling = request.sampling
     if max_tokens is not None:
         sampling.max_tokens = max_tokens

@@ -42,6 +42,17 @@ class ModelShape:
 
 
 TINY = ModelShape()
+# The benchmark model: big enough that a step's time grows with its tokens on a CPU (a
+# 512-token prefill chunk costs several idle decode steps), as on a GPU, so scheduling matters.
+BENCH = ModelShape(
+    hidden_size=384,
+    num_layers=6,
+    num_heads=6,
+    intermediate_size=1024,
+    vocab_size=2048,
+    max_position_embeddings=4096,
+)
+SHAPES = {"tiny": TINY, "bench": BENCH}
 
 
 def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

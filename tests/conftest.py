@@ -115,9 +115,29 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def replica(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    """The shared replica, ready to serve."""
-    server = Replica(workdir=tmp_path_factory.mktemp("replica"))
+def tiny_profile(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A step-time profile of the tiny model, measured by `sloserve profile --quick`."""
+    out = tmp_path_factory.mktemp("profile") / "tiny-profile.json"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "sloserve", "profile", "--model", str(tiny_model),
+            "--quick", "--enforce-eager", "--kv-cache-gib", "0.25", "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "held-out R^2" in run.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
+def replica(
+    tiny_model: Path, tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replica]:
+    """The shared replica, ready to serve, reporting its steps against the tiny profile."""
+    server = Replica(
+        workdir=tmp_path_factory.mktemp("replica"), args=["--profile", str(tiny_profile)]
+    )
     server.start()
     try:
         server.wait_until("SERVING")

@@ -1,0 +1,162 @@
+"""`sloserve profile`: measure an engine's step times over a grid of shapes and fit the model.
+
+The engine runs with sloserve's scheduler, which reports every executed step (shape and
+duration) over the step socket. The grid drives it through the shapes the planner cares
+about: prefill chunks of many sizes, decode batches of many sizes at several context lengths,
+and mixes of the two. Prompts are random token ids, so the prefix cache never shortens a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+
+from sloserve.replica.engine import EngineSettings, LoadListener, build_engine
+from sloserve.replica.steps import StepReceiver, StepRecord
+from sloserve.stepmodel import StepSample, StepTimeModel, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Grid:
+    prefill_chunks: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    context_lengths: tuple[int, ...] = (16, 128, 512, 1024)
+    decode_tokens: int = 16  # output tokens per decode request
+    repeats: int = 2
+
+
+QUICK_GRID = Grid(
+    prefill_chunks=(16, 64, 256, 512, 1024),
+    decode_batches=(1, 4, 16, 32),
+    context_lengths=(16, 256, 768),
+    decode_tokens=8,
+    repeats=1,
+)
+
+
+def _hardware() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    except ImportError:
+        pass
+    model_name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"CPU {model_name or platform.processor()} ({os.cpu_count()} cores)"
+
+
+class _Driver:
+    def __init__(self, engine: Any, vocab: int, max_len: int, seed: int) -> None:
+        self.engine = engine
+        self.vocab = vocab
+        self.max_len = max_len
+        self.rng = random.Random(seed)
+        self.count = 0
+
+    def prompt(self, tokens: int) -> list[int]:
+        # Ids above the special tokens; random so no two prompts share a cached prefix.
+        return [self.rng.randrange(4, self.vocab) for _ in range(tokens)]
+
+    async def one(self, prompt_tokens: int, output_tokens: int) -> None:
+        prompt_tokens = min(prompt_tokens, self.max_len - output_tokens - 1)
+        params = SamplingParams(
+            max_tokens=output_tokens, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        self.count += 1
+        async for _ in self.engine.generate(
+            {"prompt_token_ids": self.prompt(prompt_tokens)}, params, f"profile-{self.count}"
+        ):
+            pass
+
+    async def batch(self, sizes: list[tuple[int, int]]) -> None:
+        await asyncio.gather(*[self.one(p, o) for p, o in sizes])
+
+
+async def _drive(driver: _Driver, grid: Grid, progress: Callable[[str], None]) -> None:
+    # Idle decode and small steps first, so the floor is well measured.
+    for _ in range(grid.repeats):
+        for chunk in grid.prefill_chunks:
+            progress(f"prefill {chunk}")
+            await driver.one(chunk, 2)
+        for context in grid.context_lengths:
+            for batch in grid.decode_batches:
+                progress(f"decode batch {batch} at context {context}")
+                await driver.batch([(context, grid.decode_tokens)] * batch)
+        # Mixed steps: a long prompt arriving while a batch decodes.
+        for batch in grid.decode_batches[::2]:
+            for chunk in grid.prefill_chunks[::3]:
+                progress(f"mixed: batch {batch} + prompt {chunk}")
+                await driver.batch([(64, grid.decode_tokens * 2)] * batch + [(chunk, 2)])
+
+
+def profile(
+    settings: EngineSettings,
+    grid: Grid = Grid(),
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[StepTimeModel, list[StepRecord]]:
+    """Runs the grid on a fresh engine and fits the step-time model to what it measured."""
+    records: list[StepRecord] = []
+    with tempfile.TemporaryDirectory(prefix="sloserve-profile-") as tmp:
+        socket_path = Path(tmp) / "steps.sock"
+        receiver = StepReceiver(socket_path, records.append)
+        engine_settings = EngineSettings(**{**settings.__dict__, "step_socket": socket_path})
+        engine = build_engine(engine_settings, LoadListener())
+        try:
+            config = engine.vllm_config
+            driver = _Driver(
+                engine,
+                vocab=engine.model_config.get_vocab_size(),
+                max_len=engine.model_config.max_model_len,
+                seed=seed,
+            )
+            started = time.monotonic()
+            asyncio.run(_drive(driver, grid, progress))
+            elapsed = time.monotonic() - started
+            time.sleep(0.5)  # let the last datagrams arrive
+        finally:
+            engine.shutdown()
+            receiver.close()
+    samples = [StepSample(r.shape, r.seconds) for r in records]
+    import vllm
+
+    metadata = {
+        "model": str(settings.model),
+        "hardware": _hardware(),
+        "vllm_version": vllm.__version__,
+        "derived": False,
+        "source": "measured with `sloserve profile`",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "engine": {
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "max_model_len": config.model_config.max_model_len,
+            "enforce_eager": settings.enforce_eager,
+            "dtype": str(config.model_config.dtype),
+        },
+        "profiling": {"steps": len(samples), "requests": driver.count, "seconds": elapsed},
+    }
+    return fit(samples, metadata=metadata, seed=seed), records

@@ -1,0 +1,333 @@
+"""`sloserve bench run` and `sloserve bench compare`: every figure re-runnable by anyone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sloserve.bench import report
+from sloserve.bench.analysis import RunStats, analyze
+from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
+from sloserve.bench.runner import PromptBook, run
+from sloserve.bench.systems import BASELINE, SYSTEMS, VLLM_VARIANTS, EngineShape, running
+from sloserve.bench.targets import make_target
+from sloserve.bench.types import RequestRecord
+from sloserve.bench.workloads import SCENARIOS, LengthScale, Workload, build_scenario
+from sloserve.stepmodel import StepTimeModel, shipped_profile
+
+DEFAULT_MODEL = Path(".models/bench")
+DEFAULT_PROFILE = "cpu-bench"
+BENCH_MAX_MODEL_LEN = 4096
+# The bench model on a CPU is far slower than a 7-13B model on a GPU; a quarter of the
+# traces' lengths gives it about the same balance of prefill and decode work per request
+# relative to its step times. Recorded in every result.
+CPU_LENGTH_SCALE = LengthScale(
+    prompt_factor=0.25, output_factor=0.25, max_model_len=BENCH_MAX_MODEL_LEN
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    requests: int  # per load point
+    resolution: float
+    max_trials: int
+    start_rate: float
+
+
+QUICK = Mode("quick", requests=40, resolution=0.10, max_trials=7, start_rate=1.0)
+FULL = Mode("full", requests=1000, resolution=0.025, max_trials=20, start_rate=1.0)
+
+
+def _progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _load_profile(path: Path | None) -> StepTimeModel:
+    return StepTimeModel.load(path) if path else shipped_profile(DEFAULT_PROFILE)
+
+
+def _workload(args: argparse.Namespace, model: StepTimeModel, rate: float, count: int) -> Workload:
+    return build_scenario(
+        args.scenario,
+        model=model,
+        rate=rate,
+        count=count,
+        seed=args.seed,
+        scale=CPU_LENGTH_SCALE,
+        trace_dir=args.trace_dir,
+        chunk_tokens=int(model.metadata.get("engine", {}).get("max_num_batched_tokens", 2048)),
+    )
+
+
+def _run_once(
+    target_spec: str, workload: Workload, vocab: int, use_priority: bool
+) -> list[RequestRecord]:
+    done = [0]
+    total = len(workload.requests)
+    started = time.monotonic()
+
+    def tick(_: RequestRecord) -> None:
+        done[0] += 1
+        if done[0] % max(1, total // 10) == 0 or done[0] == total:
+            bar = "#" * (20 * done[0] // total)
+            print(
+                f"\r  [{bar:<20}] {done[0]}/{total} requests, {time.monotonic() - started:.0f} s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def go() -> list[RequestRecord]:
+        target = make_target(target_spec, use_priority=use_priority)
+        try:
+            return await run(
+                target, workload.requests, PromptBook(vocab, workload.seed), on_done=tick
+            )
+        finally:
+            await target.close()
+
+    records = asyncio.run(go())
+    print(file=sys.stderr)
+    return records
+
+
+def _fluid(model: StepTimeModel, workload: Workload) -> float:
+    requests = workload.requests
+    prompt = sum(r.prompt_tokens for r in requests) / len(requests)
+    output = sum(r.output_tokens for r in requests) / len(requests)
+    tightest = min(min(r.budgets.tpot_s, r.budgets.thinking_tpot_s or 1e9) for r in requests)
+    max_batch = int(model.metadata.get("engine", {}).get("max_num_seqs", 256))
+    return fluid_bound(model, prompt, output, tightest, max_batch, prompt + output / 2)
+
+
+def _search(
+    args: argparse.Namespace, mode: Mode, model: StepTimeModel, target_spec: str, use_priority: bool
+) -> tuple[CapacityResult, dict[float, list[RequestRecord]]]:
+    records_by_rate: dict[float, list[RequestRecord]] = {}
+
+    def run_at(rate: float) -> RunStats:
+        records = _run_once(
+            target_spec, _workload(args, model, rate, mode.requests), args.vocab, use_priority
+        )
+        records_by_rate[rate] = records
+        return analyze(records)
+
+    result = find_capacity(
+        run_at,
+        low=args.start_rate or mode.start_rate,
+        resolution=mode.resolution,
+        max_trials=mode.max_trials,
+        progress=_progress,
+    )
+    return result, records_by_rate
+
+
+def _mode(args: argparse.Namespace) -> Mode:
+    return QUICK if args.quick else FULL
+
+
+def _describe_run(args: argparse.Namespace, mode: Mode, model: StepTimeModel) -> dict[str, Any]:
+    sample = _workload(args, model, 1.0, mode.requests)
+    return {
+        "scenario": args.scenario,
+        "mode": mode.name,
+        "requests_per_load_point": mode.requests,
+        "mode_note": (
+            "quick mode: fewer requests than the methodology's 1,000 per load point, one seed"
+            if mode is QUICK
+            else "full mode"
+        ),
+        "seed": args.seed,
+        "workload": sample.describe(),
+        "profile": model.to_json(),
+        "command": " ".join(["sloserve", *sys.argv[1:]]),
+    }
+
+
+def run_command(args: argparse.Namespace) -> int:
+    mode = _mode(args)
+    model = _load_profile(args.profile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = _describe_run(args, mode, model)
+    use_priority = args.priority
+    if args.rate is not None:
+        workload = _workload(args, model, args.rate, args.requests or mode.requests)
+        records = _run_once(args.target, workload, args.vocab, use_priority)
+        stats = analyze(records)
+        payload |= {"rate": args.rate, "stats": stats.to_json()}
+        report.plot_latency_distributions(args.out / "latency.png", {args.target: records})
+        table = report.markdown_table(
+            [
+                report.AttainmentRow(
+                    args.target, args.rate, stats.attainment, stats.drain.drained, stats.meets()
+                )
+            ]
+        )
+    else:
+        result, by_rate = _search(args, mode, model, args.target, use_priority)
+        payload |= {
+            "capacity": result.to_json(),
+            "fluid_bound": _fluid(model, _workload(args, model, 1.0, mode.requests)),
+        }
+        rows = report.rows_from_capacity(args.target, result)
+        table = report.markdown_table(rows)
+        report.plot_attainment(
+            args.out / "attainment.png", {args.target: [(r.rate, dict(r.attainment)) for r in rows]}
+        )
+        if by_rate:
+            report.plot_latency_distributions(
+                args.out / "latency.png", {args.target: by_rate[max(by_rate)]}
+            )
+    report.write_results(args.out / "results.json", payload)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    mode = _mode(args)
+    model = _load_profile(args.profile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    systems = args.systems.split(",") if args.systems else [*VLLM_VARIANTS, "sloserve"]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; known: {sorted(SYSTEMS)}")
+    shape = EngineShape(
+        model=args.model, max_model_len=BENCH_MAX_MODEL_LEN, kv_cache_gib=args.kv_cache_gib
+    )
+    fluid = _fluid(model, _workload(args, model, 1.0, mode.requests))
+    results: dict[str, CapacityResult] = {}
+    last_records: dict[str, list[RequestRecord]] = {}
+    for name in systems:
+        spec = SYSTEMS[name]
+        _progress(f"== {name}: {spec.description}")
+        with running(spec, shape, args.out / f"{name}.log") as target_spec:
+            result, by_rate = _search(args, mode, model, target_spec, spec.use_priority)
+        results[name] = result
+        if by_rate:
+            last_records[name] = by_rate[max(by_rate)]
+        _progress(f"== {name}: capacity {result.capacity:.3f} req/s ({result.status})")
+
+    summary = _summary(args, mode, model, systems, results, fluid)
+    report.write_results(args.out / "summary.json", summary)
+    rows = [row for name in systems for row in report.rows_from_capacity(name, results[name])]
+    capacity_rows = [report.CapacityRow.from_result(name, results[name]) for name in systems]
+    baselines = [BASELINE] if BASELINE in systems else []
+    markdown = (
+        f"### {args.scenario} ({mode.name} mode)\n\n"
+        + report.capacity_table(capacity_rows, fluid_bound=fluid, baselines=baselines)
+        + "\n\n"
+        + report.markdown_table(rows)
+        + "\n"
+    )
+    (args.out / "summary.md").write_text(markdown)
+    report.plot_attainment(
+        args.out / "attainment.png",
+        {
+            name: [
+                (r.rate, dict(r.attainment)) for r in report.rows_from_capacity(name, results[name])
+            ]
+            for name in systems
+        },
+    )
+    if last_records:
+        report.plot_latency_distributions(args.out / "latency.png", last_records)
+    print(markdown)
+    return 0
+
+
+def _summary(
+    args: argparse.Namespace,
+    mode: Mode,
+    model: StepTimeModel,
+    systems: list[str],
+    results: dict[str, CapacityResult],
+    fluid: float,
+) -> dict[str, Any]:
+    capacity = {name: results[name].capacity for name in systems}
+    ratios: dict[str, float | None] = {}
+    for a in systems:
+        for b in systems:
+            if a != b:
+                ratios[f"{a}/{b}"] = capacity[a] / capacity[b] if capacity[b] > 0 else None
+    tuned = [s for s in systems if s in VLLM_VARIANTS and s != BASELINE]
+    best_tuned = max(tuned, key=lambda s: capacity[s]) if tuned else None
+    return {
+        **_describe_run(args, mode, model),
+        "machine": model.metadata.get("hardware"),
+        "fluid_bound_rps": fluid,
+        "systems": {
+            name: {
+                "description": SYSTEMS[name].description,
+                "capacity_rps": results[name].capacity,
+                "capacity_99_rps": results[name].capacity_99,
+                "capacity_fraction_of_fluid_bound": results[name].capacity / fluid
+                if fluid
+                else None,
+                "search": results[name].to_json(),
+                "attainment_by_rate": {
+                    f"{t.rate:.4f}": t.stats.attainment for t in results[name].trials
+                },
+            }
+            for name in systems
+        },
+        "capacity_ratios": ratios,
+        "best_tuned_vllm": best_tuned,
+    }
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser("bench", help="measure SLO attainment and capacity")
+    verbs = bench.add_subparsers(dest="verb", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+        p.add_argument("--quick", action="store_true", help="CI mode: 40 requests per load point")
+        p.add_argument("--out", type=Path, required=True, help="results directory")
+        p.add_argument(
+            "--profile", type=Path, help=f"step profile (default: shipped {DEFAULT_PROFILE})"
+        )
+        p.add_argument(
+            "--trace-dir", type=Path, help="folder of the Azure LLM traces (chatbot, coding)"
+        )
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bench model directory")
+        p.add_argument(
+            "--vocab", type=int, help="prompt token ids are drawn below this (default: model's)"
+        )
+        p.add_argument("--start-rate", type=float, help="first rate of the capacity search")
+
+    run_p = verbs.add_parser("run", help="run one target at a rate, or search its capacity")
+    common(run_p)
+    run_p.add_argument("--target", required=True, help="sloserve:HOST:PORT or openai:URL")
+    run_p.add_argument("--rate", type=float, help="requests per second (default: --sweep)")
+    run_p.add_argument("--sweep", action="store_true", help="search capacity by bisection")
+    run_p.add_argument("--requests", type=int, help="requests for a single --rate run")
+    run_p.add_argument("--priority", action="store_true", help="send vLLM priorities (openai)")
+
+    compare_p = verbs.add_parser("compare", help="start each system and compare capacities")
+    common(compare_p)
+    compare_p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    compare_p.add_argument(
+        "--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.vocab is None:
+        config = args.model / "config.json"
+        if not config.exists():
+            raise SystemExit(f"no {config}: give --model or --vocab")
+        args.vocab = int(json.loads(config.read_text())["vocab_size"])
+    if args.verb == "run":
+        if args.rate is None and not args.sweep:
+            args.sweep = True
+        return run_command(args)
+    return compare_command(args)

@@ -1,0 +1,96 @@
+"""Runs a workload against a target, open loop, recording every token's arrival time.
+
+Requests are sent at their arrival offsets whatever the system's state (open loop: a slow
+system gets no relief). A follow-up round of a tool-calling session is sent `delay_s` after
+its previous round completes; when that round failed, the session stops and the rounds
+never sent count as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from sloserve.bench.targets import Target
+from sloserve.bench.types import BenchRequest, RequestRecord
+
+FIRST_REGULAR_TOKEN = 4  # ids below are the tiny/bench tokenizers' special tokens
+
+
+class PromptBook:
+    """Deterministic prompt token ids per request; a session's rounds extend one context."""
+
+    def __init__(self, vocab_size: int, seed: int) -> None:
+        self._vocab = vocab_size
+        self._seed = seed
+        self._by_index: dict[int, list[int]] = {}
+
+    def _random_ids(self, key: int, count: int) -> list[int]:
+        rng = random.Random(self._seed * 1_000_003 + key)
+        return [rng.randrange(FIRST_REGULAR_TOKEN, self._vocab) for _ in range(count)]
+
+    def prompt(self, request: BenchRequest) -> list[int]:
+        if request.index in self._by_index:
+            return self._by_index[request.index]
+        base: list[int] = []
+        if request.after is not None and request.after in self._by_index:
+            base = self._by_index[request.after][: request.prompt_tokens]
+        ids = base + self._random_ids(request.index, max(0, request.prompt_tokens - len(base)))
+        self._by_index[request.index] = ids
+        return ids
+
+
+async def run(
+    target: Target,
+    requests: Sequence[BenchRequest],
+    prompts: PromptBook,
+    request_timeout_s: float = 300.0,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> list[RequestRecord]:
+    """Sends the workload and returns one record per request, in index order."""
+    followers: dict[int, list[BenchRequest]] = {}
+    for request in requests:
+        if request.after is not None:
+            followers.setdefault(request.after, []).append(request)
+    records: dict[int, RequestRecord] = {}
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.time() + 0.05
+
+    async def send(request: BenchRequest, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.time()))
+        record = RequestRecord(request=request, sent_at=time.time())
+        records[request.index] = record
+        try:
+            await asyncio.wait_for(
+                target.send(request, prompts.prompt(request), record), request_timeout_s
+            )
+        except TimeoutError:
+            record.error = f"no complete response within {request_timeout_s} s"
+            record.finished_at = time.time()
+        if on_done is not None:
+            on_done(record)
+        for follower in followers.get(request.index, []):
+            if record.completed:
+                spawn(follower, time.time() + follower.delay_s)
+            else:
+                skip(follower, f"session stopped: round {request.round} failed")
+
+    def skip(request: BenchRequest, why: str) -> None:
+        now = time.time()
+        records[request.index] = RequestRecord(request, sent_at=now, finished_at=now, error=why)
+        for follower in followers.get(request.index, []):
+            skip(follower, why)
+
+    def spawn(request: BenchRequest, at: float) -> None:
+        task = asyncio.create_task(send(request, at))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    for request in requests:
+        if request.after is None:
+            spawn(request, start + request.arrival_s)
+    while tasks:
+        await asyncio.gather(*list(tasks))
+    return [records[r.index] for r in requests if r.index in records]
