@@ -12,8 +12,8 @@ from sloserve import errors
 from sloserve.protoconv import budgets_to_proto, duration
 from sloserve.replica.admission import decide
 from sloserve.replica.runtime import ReplicaRuntime
-from sloserve.replica.validation import InvalidRequest, budgets_from_proto, resolve_slo
-from sloserve.slo import SloCatalog, SloClass, SloConfigError
+from sloserve.replica.validation import budgets_from_proto, resolve_slo
+from sloserve.slo import SloCatalog, SloClass
 from sloserve.v1 import replica_control_pb2 as pb
 from sloserve.v1 import replica_control_pb2_grpc, slo_pb2
 
@@ -24,7 +24,7 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):
     def __init__(self, runtime: ReplicaRuntime) -> None:
         self._rt = runtime
 
-    async def _invalid(self, context: grpc.aio.ServicerContext, bad: InvalidRequest) -> None:
+    async def _invalid(self, context: grpc.aio.ServicerContext, bad: errors.FieldError) -> None:
         await context.abort_with_status(
             errors.to_grpc_status(errors.invalid_argument(bad.field, bad.description))
         )
@@ -37,11 +37,11 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is starting")
         try:
             if request.max_tokens < 1:
-                raise InvalidRequest("max_tokens", "must be at least 1")
+                raise errors.FieldError("max_tokens", "must be at least 1")
             if request.prompt_tokens < 1:
-                raise InvalidRequest("prompt_tokens", "must be at least 1")
+                raise errors.FieldError("prompt_tokens", "must be at least 1")
             _, budgets = resolve_slo(request.slo, state.catalog, "slo")
-        except InvalidRequest as bad:
+        except errors.FieldError as bad:
             await self._invalid(context, bad)
         decision = decide(state, request.prompt_tokens)
         return pb.ProbeResponse(
@@ -92,14 +92,12 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):
             classes: dict[str, SloClass] = {}
             for i, c in enumerate(request.classes):
                 if c.name in classes:
-                    raise InvalidRequest(f"classes[{i}].name", f"duplicate class {c.name!r}")
+                    raise errors.FieldError(f"classes[{i}].name", f"duplicate class {c.name!r}")
                 budgets = budgets_from_proto(c.budgets, f"classes[{i}].budgets")
                 classes[c.name] = SloClass(c.name, budgets, c.description)
             catalog = SloCatalog(classes, request.default_class)
-        except InvalidRequest as bad:
+        except errors.FieldError as bad:
             await self._invalid(context, bad)
-        except SloConfigError as bad:
-            await self._invalid(context, InvalidRequest(bad.field, bad.message))
         self._rt.state.catalog = catalog
         return self.configuration()
 

@@ -16,7 +16,7 @@ from sloserve import errors
 from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
 from sloserve.replica.admission import decide
 from sloserve.replica.runtime import ReplicaRuntime
-from sloserve.replica.validation import InvalidRequest, ValidRequest, validate
+from sloserve.replica.validation import ValidRequest, validate
 from sloserve.slo import judge
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, slo_pb2
 
@@ -69,7 +69,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is draining")
         try:
             valid = validate(request, state.catalog, limits, rt.tokenize, arrival)
-        except InvalidRequest as bad:
+        except errors.FieldError as bad:
             rt.metrics.requests.labels(request.slo.class_name, "invalid").inc()
             await context.abort_with_status(
                 errors.to_grpc_status(errors.invalid_argument(bad.field, bad.description))

@@ -8,19 +8,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sloserve.errors import FieldError
 from sloserve.slo import Budgets, RequestSlo, SloCatalog
 from sloserve.v1 import inference_pb2, slo_pb2
 
 MAX_REQUEST_ID_LENGTH = 256
-
-
-class InvalidRequest(ValueError):
-    """Bad input; `field` is the request field at fault, in proto path form."""
-
-    def __init__(self, field: str, description: str) -> None:
-        super().__init__(f"{field}: {description}")
-        self.field = field
-        self.description = description
 
 
 @dataclass(frozen=True)
@@ -52,7 +44,7 @@ def _duration_s(field: str, value: object, present: bool) -> float | None:
         return None
     seconds = value.ToNanoseconds() / 1e9  # type: ignore[attr-defined]
     if not seconds > 0:
-        raise InvalidRequest(field, "must be a positive duration")
+        raise FieldError(field, "must be a positive duration")
     return float(seconds)
 
 
@@ -63,11 +55,11 @@ def budgets_from_proto(budgets: slo_pb2.SloBudgets, field: str) -> Budgets:
         f"{field}.thinking_tpot", budgets.thinking_tpot, budgets.HasField("thinking_tpot")
     )
     if ttft is None:
-        raise InvalidRequest(f"{field}.ttft", "is required with explicit budgets")
+        raise FieldError(f"{field}.ttft", "is required with explicit budgets")
     if tpot is None:
-        raise InvalidRequest(f"{field}.tpot", "is required with explicit budgets")
+        raise FieldError(f"{field}.tpot", "is required with explicit budgets")
     if budgets.thinking_tokens and thinking is None:
-        raise InvalidRequest(f"{field}.thinking_tokens", "needs thinking_tpot")
+        raise FieldError(f"{field}.thinking_tokens", "needs thinking_tpot")
     return Budgets(ttft, tpot, thinking, budgets.thinking_tokens)
 
 
@@ -79,7 +71,7 @@ def resolve_slo(spec: slo_pb2.SloSpec, catalog: SloCatalog, field: str) -> tuple
     name = spec.class_name if target == "class_name" else catalog.default_class
     slo_class = catalog.get(name)
     if slo_class is None:
-        raise InvalidRequest(
+        raise FieldError(
             f"{field}.class_name", f"unknown SLO class {name!r}; known: {sorted(catalog.classes)}"
         )
     return slo_class.name, slo_class.budgets
@@ -93,25 +85,25 @@ def _prompt_ids(
     kind = prompt.WhichOneof("kind")
     if kind == "text":
         if not prompt.text.strip():
-            raise InvalidRequest("prompt.text", "must not be empty")
+            raise FieldError("prompt.text", "must not be empty")
         ids = list(tokenize(prompt.text))
         if not ids:
-            raise InvalidRequest("prompt.text", "tokenizes to no tokens")
+            raise FieldError("prompt.text", "tokenizes to no tokens")
     elif kind == "token_ids":
         ids = list(prompt.token_ids.ids)
         if not ids:
-            raise InvalidRequest("prompt.token_ids", "must not be empty")
+            raise FieldError("prompt.token_ids", "must not be empty")
         bad = next((t for t in ids if t >= limits.vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(
+            raise FieldError(
                 "prompt.token_ids",
                 f"token id {bad} is outside the vocabulary ({limits.vocab_size})",
             )
     else:
-        raise InvalidRequest("prompt", "is required: set text or token_ids")
+        raise FieldError("prompt", "is required: set text or token_ids")
     # The model needs room for at least one generated token.
     if len(ids) >= limits.max_model_len:
-        raise InvalidRequest(
+        raise FieldError(
             "prompt",
             f"{len(ids)} tokens leave no room in the model's context of "
             f"{limits.max_model_len} tokens",
@@ -126,9 +118,9 @@ def _sampling(
     if params.HasField("max_tokens"):
         max_tokens = params.max_tokens
         if max_tokens < 1:
-            raise InvalidRequest("sampling.max_tokens", f"must be at least 1, got {max_tokens}")
+            raise FieldError("sampling.max_tokens", f"must be at least 1, got {max_tokens}")
         if max_tokens > room:
-            raise InvalidRequest(
+            raise FieldError(
                 "sampling.max_tokens",
                 f"{max_tokens} tokens after a {prompt_len}-token prompt exceed the model's "
                 f"context of {limits.max_model_len} tokens (at most {room})",
@@ -137,12 +129,12 @@ def _sampling(
         max_tokens = min(room, limits.default_max_tokens)
     temperature = params.temperature if params.HasField("temperature") else 1.0
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise InvalidRequest("sampling.temperature", "must be a finite number >= 0")
+        raise FieldError("sampling.temperature", "must be a finite number >= 0")
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidRequest("sampling.top_p", "must be in (0, 1]")
+        raise FieldError("sampling.top_p", "must be in (0, 1]")
     if any(not s for s in params.stop):
-        raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+        raise FieldError("sampling.stop", "stop strings must not be empty")
     return Sampling(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -160,9 +152,9 @@ def validate(
     tokenize: Callable[[str], Sequence[int]],
     arrival_time: float | None = None,
 ) -> ValidRequest:
-    """The engine's view of a request; raises InvalidRequest naming the first bad field."""
+    """The engine's view of a request; raises FieldError naming the first bad field."""
     if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
-        raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+        raise FieldError("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
     class_name, budgets = resolve_slo(request.slo, catalog, "slo")
     ids = _prompt_ids(request.prompt, tokenize, limits)
     sampling = _sampling(request.sampling, len(ids), limits)

@@ -16,6 +16,16 @@ from grpc_status import rpc_status
 ERROR_DOMAIN = "sloserve.dev"
 
 
+class FieldError(ValueError):
+    """Bad input or configuration; `field` names the culprit in proto path form
+    (`sampling.max_tokens`, `classes[2].ttft`), as INVALID_ARGUMENT details do."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
 def invalid_argument(field: str, description: str) -> status_pb2.Status:
     """INVALID_ARGUMENT naming `field` in the message and in a BadRequest detail."""
     detail = any_pb2.Any()

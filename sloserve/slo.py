@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from sloserve.errors import FieldError
+
 # Tolerance of the attainment definition: a token is on time up to 1.05 x its budget.
 TOLERANCE = 1.05
 
@@ -22,15 +24,6 @@ TOLERANCE = 1.05
 EXTRA_ARGS_KEY = "sloserve"
 
 _CLASS_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-class SloConfigError(ValueError):
-    """An SLO class or budget is malformed; `field` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -46,13 +39,13 @@ class Budgets:
 
     def validate(self, field: str) -> None:
         if not self.ttft_s > 0:
-            raise SloConfigError(f"{field}.ttft", "must be positive")
+            raise FieldError(f"{field}.ttft", "must be positive")
         if not self.tpot_s > 0:
-            raise SloConfigError(f"{field}.tpot", "must be positive")
+            raise FieldError(f"{field}.tpot", "must be positive")
         if self.thinking_tpot_s is not None and not self.thinking_tpot_s > 0:
-            raise SloConfigError(f"{field}.thinking_tpot", "must be positive when set")
+            raise FieldError(f"{field}.thinking_tpot", "must be positive when set")
         if self.thinking_tokens < 0:
-            raise SloConfigError(f"{field}.thinking_tokens", "must not be negative")
+            raise FieldError(f"{field}.thinking_tokens", "must not be negative")
 
     def tpot_for_token(self, index: int) -> float:
         """TPOT budget of output token `index` (0-based), by the stage it belongs to."""
@@ -77,15 +70,15 @@ class SloCatalog:
 
     def __post_init__(self) -> None:
         if not self.classes:
-            raise SloConfigError("classes", "must not be empty")
+            raise FieldError("classes", "must not be empty")
         for name, slo_class in self.classes.items():
             if not _CLASS_NAME.match(name):
-                raise SloConfigError(
+                raise FieldError(
                     f"classes[{name}].name", "must be lowercase letters, digits and '-'"
                 )
             slo_class.budgets.validate(f"classes[{name}]")
         if self.default_class not in self.classes:
-            raise SloConfigError(
+            raise FieldError(
                 "default_class", f"{self.default_class!r} is not one of {sorted(self.classes)}"
             )
 
@@ -97,14 +90,14 @@ class SloCatalog:
         """Reads the YAML/JSON form: {default_class: NAME, classes: [{name, ttft_ms, ...}]}."""
         raw_classes = data.get("classes")
         if not isinstance(raw_classes, list):
-            raise SloConfigError("classes", "must be a list of classes")
+            raise FieldError("classes", "must be a list of classes")
         classes: dict[str, SloClass] = {}
         for i, item in enumerate(raw_classes):
             if not isinstance(item, Mapping) or "name" not in item:
-                raise SloConfigError(f"classes[{i}]", "must be a mapping with a name")
+                raise FieldError(f"classes[{i}]", "must be a mapping with a name")
             name = str(item["name"])
             if name in classes:
-                raise SloConfigError(f"classes[{i}].name", f"duplicate class {name!r}")
+                raise FieldError(f"classes[{i}].name", f"duplicate class {name!r}")
             try:
                 budgets = Budgets(
                     ttft_s=float(item["ttft_ms"]) / 1000,
@@ -117,9 +110,9 @@ class SloCatalog:
                     thinking_tokens=int(item.get("thinking_tokens", 0)),
                 )
             except KeyError as missing:
-                raise SloConfigError(f"classes[{i}].{missing.args[0]}", "is required") from None
+                raise FieldError(f"classes[{i}].{missing.args[0]}", "is required") from None
             except (TypeError, ValueError) as bad:
-                raise SloConfigError(f"classes[{i}]", f"bad number: {bad}") from None
+                raise FieldError(f"classes[{i}]", f"bad number: {bad}") from None
             classes[name] = SloClass(name, budgets, str(item.get("description", "")))
         default = data.get("default_class", raw_classes[0]["name"] if raw_classes else "")
         return cls(classes=classes, default_class=str(default))
@@ -129,7 +122,7 @@ class SloCatalog:
         with path.open() as f:
             data = yaml.safe_load(f)
         if not isinstance(data, Mapping):
-            raise SloConfigError(str(path), "must hold a mapping with `classes`")
+            raise FieldError(str(path), "must hold a mapping with `classes`")
         return cls.from_mapping(data)
 
     @classmethod

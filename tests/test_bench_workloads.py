@@ -1,4 +1,4 @@
-"""Benchmark workloads: arrival processes, trace replay, length scaling, SLO presets, scenarios.
+"""Benchmark scenarios and the workloads they build (sloserve.bench.workloads).
 
 Pure functions over a hand-made step-time model; no engine. The real Azure traces are used
 when the shared trace folder is present (SLOSERVE_TRACE_DIR, else ../shared/traces).
@@ -16,31 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sloserve.bench.arrivals import Burst
+from sloserve.bench.presets import LengthScale
+from sloserve.bench.traces import CODE_TRACE, CONV_TRACE, load_trace
 from sloserve.bench.types import BenchRequest
-from sloserve.bench.workloads import (
-    CHAT,
-    CODE_TRACE,
-    CONV_TRACE,
-    REASONING,
-    SCENARIOS,
-    Burst,
-    LengthScale,
-    SloReference,
-    TraceRow,
-    Workload,
-    build_scenario,
-    burst_arrivals,
-    gamma_arrivals,
-    load_trace,
-    observed_rate,
-    parse_timestamp_ns,
-    poisson_arrivals,
-    preset_budgets,
-    scale_to_rate,
-    trace_window,
-    with_burst,
-)
-from sloserve.slo import Budgets
+from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario, with_burst
 from sloserve.stepmodel import StepTimeModel
 
 REAL_TRACES = Path(
@@ -90,183 +70,6 @@ def shape(request: BenchRequest) -> tuple[object, ...]:
         request.index, request.slo_class, request.budgets, request.prompt_tokens,
         request.output_tokens, request.session, request.round, request.after, request.delay_s,
     )  # fmt: skip
-
-
-# -- arrival processes -------------------------------------------------------------------------
-
-
-def test_poisson_has_the_rate_and_exponential_gaps() -> None:
-    offsets = poisson_arrivals(4.0, count=20_000, seed=1)
-    assert len(offsets) == 20_000 and offsets[0] == 0.0
-    assert offsets == sorted(offsets)
-    assert 1 / np.mean(gaps(offsets)) == pytest.approx(4.0, rel=0.03)
-    assert cv(gaps(offsets)) == pytest.approx(1.0, abs=0.05)
-
-
-def test_poisson_is_seeded_and_rate_only_rescales() -> None:
-    base = poisson_arrivals(1.0, count=500, seed=3)
-    assert poisson_arrivals(1.0, count=500, seed=3) == base
-    assert poisson_arrivals(1.0, count=500, seed=4) != base
-    assert poisson_arrivals(5.0, count=500, seed=3) == pytest.approx([t / 5 for t in base])
-
-
-def test_arrivals_until_a_duration() -> None:
-    offsets = poisson_arrivals(10.0, duration_s=300.0, seed=2)
-    assert max(offsets) < 300.0
-    assert len(offsets) == pytest.approx(3000, rel=0.06)
-    # The same unit stream at another rate: a duration run is a prefix of the rescaled one.
-    slower = poisson_arrivals(5.0, duration_s=300.0, seed=2)
-    assert slower == pytest.approx([2 * t for t in offsets[: len(slower)]])
-
-
-def test_count_and_duration_are_exclusive() -> None:
-    with pytest.raises(ValueError, match="exactly one"):
-        poisson_arrivals(1.0, seed=0)
-    with pytest.raises(ValueError, match="exactly one"):
-        poisson_arrivals(1.0, count=3, duration_s=3.0)
-    with pytest.raises(ValueError, match="rate"):
-        poisson_arrivals(0.0, count=3)
-
-
-def test_gamma_keeps_the_mean_rate_and_is_bursty() -> None:
-    offsets = gamma_arrivals(2.0, cv=3.0, count=50_000, seed=5)
-    assert 1 / np.mean(gaps(offsets)) == pytest.approx(2.0, rel=0.08)
-    assert cv(gaps(offsets)) == pytest.approx(3.0, rel=0.15)
-    assert gamma_arrivals(2.0, cv=3.0, count=100, seed=5) == offsets[:100]
-
-
-def test_burst_doubles_the_rate_in_a_centred_window() -> None:
-    burst = Burst(factor=2.0, duration_s=60.0)
-    offsets = burst_arrivals(20.0, count=12_000, seed=8, burst=burst)
-    assert offsets == sorted(offsets)
-    run = offsets[-1]
-    # Steady run of 600 s at 20/s shortened by the 60 s window at double rate: ~540 s.
-    assert run == pytest.approx(540, rel=0.05)
-    start = (run - 60.0) / 2
-    times = np.array(offsets)
-    inside = np.sum((times >= start) & (times < start + 60.0)) / 60.0
-    before = np.sum(times < start) / start
-    after = np.sum(times >= start + 60.0) / (run - start - 60.0)
-    assert inside == pytest.approx(40.0, rel=0.1)
-    assert before == pytest.approx(20.0, rel=0.1) and after == pytest.approx(20.0, rel=0.1)
-
-
-def test_burst_over_a_duration_and_window_placement() -> None:
-    offsets = burst_arrivals(10.0, duration_s=200.0, seed=9, burst=Burst(3.0, 40.0))
-    times = np.array(offsets)
-    assert times.max() < 200.0
-    assert np.sum((times >= 80) & (times < 120)) / 40 == pytest.approx(30.0, rel=0.15)
-    # A fixed start is kept; a short run caps a centred window at half of it.
-    assert Burst(start_s=10.0, duration_s=30.0).window_in_run(100.0) == (10.0, 30.0)
-    assert Burst(duration_s=45.0).window_in_run(40.0) == (10.0, 20.0)
-
-
-def test_burst_warp_is_monotone_and_identity_before_the_window() -> None:
-    burst = Burst(factor=2.0, duration_s=10.0)
-    base = [0.0, 5.0, 10.0, 14.0, 30.0, 50.0]
-    warped = burst.warp(base, (10.0, 10.0))
-    assert warped == [0.0, 5.0, 10.0, 12.0, 20.0, 40.0]
-
-
-# -- traces ------------------------------------------------------------------------------------
-
-
-def test_timestamp_parsing_keeps_seven_digits() -> None:
-    first = parse_timestamp_ns("2023-11-16 18:15:46.6805900")
-    assert parse_timestamp_ns("2023-11-16 18:15:46.6805901") - first == 100
-    assert parse_timestamp_ns("2023-11-16T18:15:47Z") - first == 319_410_000
-    assert parse_timestamp_ns("2023-11-16 19:15:46.68059+01:00") == first
-    assert parse_timestamp_ns("1700158546.5") == 1_700_158_546_500_000_000
-    with pytest.raises(ValueError, match="unrecognised"):
-        parse_timestamp_ns("16/11/2023 18:15")
-
-
-def test_load_trace_sorts_and_rebases(tmp_path: Path) -> None:
-    path = write_trace(
-        tmp_path / "t.csv",
-        [
-            ("2023-11-16 18:15:47.0000000", 10, 2),
-            ("2023-11-16 18:15:46.5000000", 374, 44),
-            ("2023-11-16 18:15:50.2500000", 91, 16),
-        ],
-    )
-    assert load_trace(path) == [
-        TraceRow(0.0, 374, 44),
-        TraceRow(0.5, 10, 2),
-        TraceRow(3.75, 91, 16),
-    ]
-
-
-def test_load_trace_names_what_is_wrong(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.csv"
-    missing.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:15:46.5,3\n")
-    with pytest.raises(ValueError, match="GeneratedTokens"):
-        load_trace(missing)
-    bad = write_trace(tmp_path / "bad.csv", [("2023-11-16 18:15:46.5", 3, 4), ("soon", 1, 1)])
-    with pytest.raises(ValueError, match=r"bad\.csv:3"):
-        load_trace(bad)
-
-
-def test_window_and_rate_scaling_keep_the_shape() -> None:
-    rows = [TraceRow(t, 10, 10) for t in (0.0, 1.0, 1.5, 4.0, 4.5, 9.0)]
-    window = trace_window(rows, start_s=1.2, count=3)
-    assert [r.offset_s for r in window] == [0.0, 2.5, 3.0]
-    assert observed_rate(rows) == pytest.approx(5 / 9)
-    scaled = scale_to_rate(rows, 5.0)
-    assert observed_rate(scaled) == pytest.approx(5.0)
-    assert [r.offset_s for r in scaled] == pytest.approx([t.offset_s / 9 for t in rows])
-    with pytest.raises(ValueError, match="only 2"):
-        trace_window(rows, start_s=4.2, count=3)
-
-
-@pytest.mark.skipif(not (REAL_TRACES / CODE_TRACE).exists(), reason="no shared traces")
-def test_real_traces_match_their_readme() -> None:
-    code, conv = load_trace(REAL_TRACES / CODE_TRACE), load_trace(REAL_TRACES / CONV_TRACE)
-    assert (len(code), len(conv)) == (8819, 19366)
-    assert observed_rate(code) == pytest.approx(2.57, rel=0.02)
-    assert observed_rate(conv) == pytest.approx(5.53, rel=0.02)
-    assert np.mean([r.prompt_tokens for r in conv]) == pytest.approx(1155, rel=0.01)
-    assert np.mean([r.output_tokens for r in code]) == pytest.approx(28, rel=0.05)
-    # "The code trace is very bursty; the conversation trace is close to Poisson."
-    code_cv = cv(gaps([r.offset_s for r in code]))
-    conv_cv = cv(gaps([r.offset_s for r in conv]))
-    assert code_cv > 1.5 * conv_cv
-
-
-# -- length scaling ----------------------------------------------------------------------------
-
-
-def test_length_scale_factors_floors_and_caps() -> None:
-    scale = LengthScale(0.1, 0.5, max_prompt=300, max_output=100, max_model_len=350)
-    assert scale.apply(1000, 50) == (100, 25)
-    assert scale.apply(3, 1) == (1, 1)  # never below one token
-    assert scale.apply(5000, 1000) == (250, 100)  # capped, then the prompt gives way to fit
-    assert scale.clipped(5000, 1000) and not scale.clipped(1000, 50)
-    assert scale.describe() == {
-        "prompt_factor": 0.1,
-        "output_factor": 0.5,
-        "max_prompt": 300,
-        "max_output": 100,
-        "max_model_len": 350,
-    }
-    with pytest.raises(ValueError, match="factors"):
-        LengthScale(prompt_factor=0.0)
-
-
-# -- SLO presets -------------------------------------------------------------------------------
-
-
-def test_presets_are_multiples_of_the_engine_profile() -> None:
-    ref = SloReference(MODEL, chunk_tokens=512)
-    long = ref.budgets(CHAT, 2000)
-    assert long.tpot_s == pytest.approx(4 * IDLE)
-    assert long.ttft_s == pytest.approx(5 * MODEL.prefill_s(2000, 512))
-    # A tiny prompt prefills in one idle step: the floor (3 idle steps) holds its TTFT up.
-    assert ref.budgets(REASONING, 5).ttft_s == pytest.approx(3 * IDLE)
-    thinking = preset_budgets(MODEL, REASONING, 100, thinking_tokens=40)
-    assert thinking == Budgets(
-        ttft_s=3 * IDLE, tpot_s=4 * IDLE, thinking_tpot_s=2 * IDLE, thinking_tokens=40
-    )
 
 
 # -- scenarios ---------------------------------------------------------------------------------

@@ -39,6 +39,24 @@ def test_wheel_holds_every_part(tmp_path: Path) -> None:
     )  # fmt: skip
     (wheel,) = tmp_path.glob("sloserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    # Installed (not editable), the parts import from real folders, not links to the repo.
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+         "--target", str(site), str(wheel)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    probe = (
+        "import sloserve.replica.scheduler as s, sloserve.bench.cli, sloserve.stepmodel as m;"
+        "print(s.__file__); print(m.shipped_profile('cpu-bench').quality.r2 > 0)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    scheduler_file, has_profile = run.stdout.split()
+    assert Path(scheduler_file).is_relative_to(site) and not Path(scheduler_file).is_symlink()
+    assert has_profile == "True"
     for required in (
         "sloserve/cli.py",
         "sloserve/default_classes.yaml",
@@ -46,5 +64,6 @@ def test_wheel_holds_every_part(tmp_path: Path) -> None:
         "sloserve/v1/inference_pb2.pyi",
         "sloserve/replica/server.py",
         "sloserve/replica/scheduler.py",
+        "sloserve/profiles/cpu-bench.json",
     ):
         assert required in names

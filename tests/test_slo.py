@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sloserve.slo import Budgets, RequestSlo, SloCatalog, SloConfigError, judge
+from sloserve.errors import FieldError
+from sloserve.slo import Budgets, RequestSlo, SloCatalog, judge
 
 BUDGETS = Budgets(ttft_s=1.0, tpot_s=0.1)
 
@@ -60,14 +61,14 @@ def test_default_catalog_loads() -> None:
 def test_catalog_errors_name_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "classes.yaml"
     bad.write_text("classes:\n  - name: chat\n    ttft_ms: 100\n")
-    with pytest.raises(SloConfigError) as e:
+    with pytest.raises(FieldError) as e:
         SloCatalog.load(bad)
     assert e.value.field == "classes[0].tpot_ms"
     bad.write_text("classes:\n  - name: Chat\n    ttft_ms: 100\n    tpot_ms: 10\n")
-    with pytest.raises(SloConfigError, match="lowercase"):
+    with pytest.raises(FieldError, match="lowercase"):
         SloCatalog.load(bad)
     bad.write_text("default_class: x\nclasses:\n  - {name: a, ttft_ms: 100, tpot_ms: 10}\n")
-    with pytest.raises(SloConfigError) as e:
+    with pytest.raises(FieldError) as e:
         SloCatalog.load(bad)
     assert e.value.field == "default_class"
 

@@ -14,21 +14,23 @@ from typing import Any
 from sloserve.bench import report
 from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
+from sloserve.bench.presets import LengthScale
 from sloserve.bench.runner import PromptBook, run
 from sloserve.bench.systems import BASELINE, SYSTEMS, VLLM_VARIANTS, EngineShape, running
 from sloserve.bench.targets import make_target
 from sloserve.bench.types import RequestRecord
-from sloserve.bench.workloads import SCENARIOS, LengthScale, Workload, build_scenario
+from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
 from sloserve.stepmodel import StepTimeModel, shipped_profile
 
 DEFAULT_MODEL = Path(".models/bench")
 DEFAULT_PROFILE = "cpu-bench"
 BENCH_MAX_MODEL_LEN = 4096
-# The bench model on a CPU is far slower than a 7-13B model on a GPU; a quarter of the
-# traces' lengths gives it about the same balance of prefill and decode work per request
-# relative to its step times. Recorded in every result.
+# The bench model on a CPU computes far fewer tokens per second than a 7-13B model on a GPU.
+# Scaling prompts and outputs by the same factor keeps each request's balance of prefill and
+# decode work, while bringing capacities to a few requests per second, so a load point of a
+# quick run takes seconds, not minutes. Recorded in every result.
 CPU_LENGTH_SCALE = LengthScale(
-    prompt_factor=0.25, output_factor=0.25, max_model_len=BENCH_MAX_MODEL_LEN
+    prompt_factor=0.125, output_factor=0.125, max_model_len=BENCH_MAX_MODEL_LEN
 )
 
 
@@ -41,6 +43,7 @@ class Mode:
     start_rate: float
 
 
+WARMUP_REQUESTS = 10
 QUICK = Mode("quick", requests=40, resolution=0.10, max_trials=7, start_rate=1.0)
 FULL = Mode("full", requests=1000, resolution=0.025, max_trials=20, start_rate=1.0)
 
@@ -67,8 +70,11 @@ def _workload(args: argparse.Namespace, model: StepTimeModel, rate: float, count
 
 
 def _run_once(
-    target_spec: str, workload: Workload, vocab: int, use_priority: bool
+    target_spec: str, workload: Workload, vocab: int, use_priority: bool, prompt_seed: int
 ) -> list[RequestRecord]:
+    """One pass of the workload. `prompt_seed` picks the prompt tokens: each load point gets
+    its own, so the prefix cache never serves one load point's prompts to another, and a
+    load point gets the same prompts on every system."""
     done = [0]
     total = len(workload.requests)
     started = time.monotonic()
@@ -87,15 +93,18 @@ def _run_once(
     async def go() -> list[RequestRecord]:
         target = make_target(target_spec, use_priority=use_priority)
         try:
-            return await run(
-                target, workload.requests, PromptBook(vocab, workload.seed), on_done=tick
-            )
+            prompts = PromptBook(vocab, prompt_seed)
+            return await run(target, workload.requests, prompts, on_done=tick)
         finally:
             await target.close()
 
     records = asyncio.run(go())
     print(file=sys.stderr)
     return records
+
+
+def _prompt_seed(seed: int, rate: float) -> int:
+    return seed * 1_000_003 + round(rate * 1e6)
 
 
 def _fluid(model: StepTimeModel, workload: Workload) -> float:
@@ -113,12 +122,17 @@ def _search(
     records_by_rate: dict[float, list[RequestRecord]] = {}
 
     def run_at(rate: float) -> RunStats:
-        records = _run_once(
-            target_spec, _workload(args, model, rate, mode.requests), args.vocab, use_priority
-        )
+        workload = _workload(args, model, rate, mode.requests)
+        seed = _prompt_seed(args.seed, rate)
+        records = _run_once(target_spec, workload, args.vocab, use_priority, seed)
         records_by_rate[rate] = records
         return analyze(records)
 
+    # A fresh server's first requests are slow (allocator, caches, lazy imports); without a
+    # warm-up the first load point of every search would fail for that reason alone.
+    _progress(f"warm-up: {WARMUP_REQUESTS} requests, not recorded")
+    warmup = _workload(args, model, args.start_rate or mode.start_rate, WARMUP_REQUESTS)
+    _run_once(target_spec, warmup, args.vocab, use_priority, prompt_seed=-1 - args.seed)
     result = find_capacity(
         run_at,
         low=args.start_rate or mode.start_rate,
@@ -159,7 +173,8 @@ def run_command(args: argparse.Namespace) -> int:
     use_priority = args.priority
     if args.rate is not None:
         workload = _workload(args, model, args.rate, args.requests or mode.requests)
-        records = _run_once(args.target, workload, args.vocab, use_priority)
+        seed = _prompt_seed(args.seed, args.rate)
+        records = _run_once(args.target, workload, args.vocab, use_priority, seed)
         stats = analyze(records)
         payload |= {"rate": args.rate, "stats": stats.to_json()}
         report.plot_latency_distributions(args.out / "latency.png", {args.target: records})

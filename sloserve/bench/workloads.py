@@ -1,13 +1,14 @@
-"""Benchmark workloads: arrival processes, trace replay, length scaling, SLO presets, scenarios.
+"""Benchmark workloads: the scenarios and the request streams they build.
 
-Follows the methodology (docs/slo.md §3-4). Two properties hold for everything built here:
+Follows the methodology (docs/slo.md §3-4), with arrival processes from
+sloserve.bench.arrivals, trace replay from sloserve.bench.traces, and length scaling and SLO
+presets from sloserve.bench.presets. Two properties hold for everything built here:
 
 - Seeded and reproducible: the same arguments give an identical workload, so every system
   under comparison gets the same request stream (§3).
 - Rate only moves arrivals: lengths, classes, budgets and request order are drawn from random
-  streams that never see the rate. Arrivals are generated at unit rate (one request per second)
-  and divided by the rate, which is §3's "scale a trace's timestamps" rule applied to the
-  synthetic processes too. So a capacity search compares the same requests at every rate.
+  streams that never see the rate. Every part is built at unit rate and its arrivals divided
+  by the rate at the end. So a capacity search compares the same requests at every rate.
 
 Each part of a workload draws from its own named stream (`_rng(seed, part, purpose)`), so
 adding a draw to one part never shifts another part's numbers, and the mixed scenario's chat
@@ -16,31 +17,42 @@ part holds the same requests as the chatbot scenario at the same seed.
 
 from __future__ import annotations
 
-import csv
 import math
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from sloserve.bench.arrivals import Burst, GapSampler, exponential_gaps, gamma_sampler, unit_offsets
+from sloserve.bench.presets import (
+    CHAT,
+    CODING,
+    REASONING,
+    SUMMARIZATION,
+    TOOL_FINAL,
+    TOOL_LOOP,
+    LengthScale,
+    SloPreset,
+    SloReference,
+    round_half_up,
+)
+from sloserve.bench.traces import (
+    CODE_TRACE,
+    CONV_TRACE,
+    TraceRow,
+    load_trace,
+    observed_rate,
+    trace_window,
+)
 from sloserve.bench.types import BenchRequest
 from sloserve.slo import Budgets
 from sloserve.stepmodel import StepTimeModel
 
-CONV_TRACE = "azure-llm-2023-conv.csv"
-CODE_TRACE = "azure-llm-2023-code.csv"
-
 # z-score of the 99th percentile of a standard normal: fits a log-normal to a median and a p99.
 _Z99 = 2.3263478740408408
-# Draws per call when generating arrivals until a duration: fixed, so the draws consumed do not
-# depend on the rate (numpy's generators give the same sequence however the draws are batched,
-# but a fixed size keeps that from mattering at all).
-_BATCH = 1024
 
 
 # -- random streams ----------------------------------------------------------------------------
@@ -52,483 +64,6 @@ def _rng(seed: int, *names: str) -> np.random.Generator:
         raise ValueError(f"seed must not be negative, got {seed}")
     # crc32 is stable across processes and Python versions (hash() of a str is salted).
     return np.random.default_rng([seed, *(zlib.crc32(n.encode()) for n in names)])
-
-
-# -- arrival processes -------------------------------------------------------------------------
-
-GapSampler = Callable[[np.random.Generator, int], np.ndarray]
-
-
-def _exponential_gaps(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.standard_exponential(n)
-
-
-def _gamma_sampler(cv: float) -> GapSampler:
-    """Gaps of mean 1 and coefficient of variation `cv`: shape 1/cv^2, scale cv^2."""
-    if not cv > 0:
-        raise ValueError(f"cv must be positive, got {cv}")
-    shape, scale = 1.0 / cv**2, cv**2
-
-    def sample(rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.gamma(shape, scale, n)
-
-    return sample
-
-
-def _check_span(rate: float, count: int | None, duration_s: float | None) -> None:
-    if not rate > 0:
-        raise ValueError(f"rate must be positive, got {rate}")
-    if (count is None) == (duration_s is None):
-        raise ValueError("give exactly one of count and duration_s")
-    if count is not None and count < 0:
-        raise ValueError(f"count must not be negative, got {count}")
-    if duration_s is not None and duration_s < 0:
-        raise ValueError(f"duration_s must not be negative, got {duration_s}")
-
-
-def _unit_offsets(rng: np.random.Generator, count: int, gaps: GapSampler) -> list[float]:
-    """`count` arrivals of a renewal process of mean rate 1, the first at 0.
-
-    The first request arrives at 0 so that a run starts with its first request, as a trace
-    re-based on its first row does.
-    """
-    if count == 0:
-        return []
-    offsets = np.concatenate(([0.0], np.cumsum(gaps(rng, count - 1))))
-    return [float(t) for t in offsets]
-
-
-def _unit_offsets_until(rng: np.random.Generator, end: float, gaps: GapSampler) -> list[float]:
-    """Arrivals of a renewal process of mean rate 1 in [0, end), the first at 0."""
-    if end <= 0:
-        return []
-    offsets = [0.0]
-    while True:
-        for t in offsets[-1] + np.cumsum(gaps(rng, _BATCH)):
-            if t >= end:
-                return offsets
-            offsets.append(float(t))
-
-
-def _renewal(
-    rate: float, count: int | None, duration_s: float | None, seed: int, gaps: GapSampler
-) -> list[float]:
-    _check_span(rate, count, duration_s)
-    rng = np.random.default_rng(seed)
-    if count is not None:
-        return [t / rate for t in _unit_offsets(rng, count, gaps)]
-    assert duration_s is not None
-    return [t / rate for t in _unit_offsets_until(rng, duration_s * rate, gaps)]
-
-
-def poisson_arrivals(
-    rate: float, *, count: int | None = None, duration_s: float | None = None, seed: int = 0
-) -> list[float]:
-    """Sorted arrival offsets (s) of a Poisson process of `rate` requests/s.
-
-    Give `count` (that many arrivals) or `duration_s` (all arrivals before it). The first
-    arrival is at 0. The same seed at another rate gives the same offsets scaled by the ratio.
-    """
-    return _renewal(rate, count, duration_s, seed, _exponential_gaps)
-
-
-def gamma_arrivals(
-    rate: float,
-    *,
-    cv: float,
-    count: int | None = None,
-    duration_s: float | None = None,
-    seed: int = 0,
-) -> list[float]:
-    """Sorted arrival offsets (s) of a Gamma renewal process of mean `rate` requests/s.
-
-    `cv` is the gaps' coefficient of variation: 1 is Poisson, above 1 is bursty (many short
-    gaps, a few long ones), which is how production traces such as Azure's code trace look.
-    """
-    return _renewal(rate, count, duration_s, seed, _gamma_sampler(cv))
-
-
-@dataclass(frozen=True)
-class Burst:
-    """The methodology's burst test: the rate times `factor` for `duration_s` mid-run.
-
-    The burst is a time warp of a steady process: inside the window, time runs `factor` times
-    faster, so any arrival stream (Poisson, Gamma, a trace) keeps its own shape and gets
-    exactly `factor` times its rate there. `start_s` None centres the window in the run.
-    """
-
-    factor: float = 2.0
-    # Methodology: doubled for 30-60 s; 45 s is the middle of that range.
-    duration_s: float = 45.0
-    start_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.factor > 0:
-            raise ValueError(f"burst factor must be positive, got {self.factor}")
-        if not self.duration_s > 0:
-            raise ValueError(f"burst duration must be positive, got {self.duration_s}")
-        if self.start_s is not None and self.start_s < 0:
-            raise ValueError(f"burst start must not be negative, got {self.start_s}")
-
-    def window_in_run(self, run_s: float) -> tuple[float, float]:
-        """(start, length) of the window in a run of `run_s` seconds (real time).
-
-        A centred window takes at most half the run, so a short run still has steady parts
-        on both sides to compare with.
-        """
-        if self.start_s is not None:
-            return self.start_s, self.duration_s
-        length = min(self.duration_s, run_s / 2)
-        return (run_s - length) / 2, length
-
-    def window_for_base(self, base_end_s: float) -> tuple[float, float]:
-        """(start, length) of the window for a steady stream whose last arrival is at
-        `base_end_s`: the warp shortens the run, so the centre is found in the warped run."""
-        if self.start_s is not None:
-            return self.start_s, self.duration_s
-        # The warped run lasts base_end - (factor - 1) * length; the window takes at most half.
-        length = min(self.duration_s, base_end_s / (self.factor + 1))
-        run_s = base_end_s - (self.factor - 1) * length
-        return (run_s - length) / 2, length
-
-    def warp(self, offsets: Sequence[float], window: tuple[float, float]) -> list[float]:
-        """Maps steady arrival offsets to bursty ones; monotone, identity before the window."""
-        start, length = window
-        fast_end = start + self.factor * length  # base time the window's end maps from
-        shift = (self.factor - 1) * length
-        return [
-            t if t <= start else start + (t - start) / self.factor if t <= fast_end else t - shift
-            for t in offsets
-        ]
-
-    def describe(self, window: tuple[float, float]) -> dict[str, float]:
-        return {"factor": self.factor, "start_s": window[0], "duration_s": window[1]}
-
-
-def burst_arrivals(
-    rate: float,
-    *,
-    count: int | None = None,
-    duration_s: float | None = None,
-    seed: int = 0,
-    burst: Burst | None = None,
-    cv: float = 1.0,
-) -> list[float]:
-    """Sorted arrival offsets (s): a steady process of `rate` whose rate is multiplied by
-    `burst.factor` for `burst.duration_s` in the middle of the run (methodology: burst test).
-
-    The steady process is Poisson (`cv` 1) or Gamma (`cv` other than 1).
-    """
-    _check_span(rate, count, duration_s)
-    burst = burst or Burst()
-    gaps = _exponential_gaps if cv == 1.0 else _gamma_sampler(cv)
-    rng = np.random.default_rng(seed)
-    if count is not None:
-        base = [t / rate for t in _unit_offsets(rng, count, gaps)]
-        return burst.warp(base, burst.window_for_base(base[-1] if base else 0.0))
-    assert duration_s is not None
-    window = burst.window_in_run(duration_s)
-    # The warp squeezes (factor - 1) * length seconds out of the run: generate that much more.
-    base_end = duration_s + max(0.0, (burst.factor - 1) * window[1])
-    base = [t / rate for t in _unit_offsets_until(rng, base_end * rate, gaps)]
-    return [t for t in burst.warp(base, window) if t < duration_s]
-
-
-# -- trace replay ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TraceRow:
-    """One request of a trace: arrival offset from the trace's first request, and lengths."""
-
-    offset_s: float
-    prompt_tokens: int
-    output_tokens: int
-
-
-_TIMESTAMP = re.compile(
-    r"^(?P<main>\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2})"
-    r"(?:[.,](?P<frac>\d{1,9}))?"
-    r"\s*(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
-)
-_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
-
-
-def parse_timestamp_ns(text: str) -> int:
-    """Nanoseconds since the epoch of a trace timestamp.
-
-    Accepts "2023-11-16 18:15:46.6805900" (the Azure format: 7 fractional digits, more than
-    datetime keeps), ISO forms with 'T' and a zone, and plain seconds ("1700158546.68").
-    Naive times count as UTC: only differences matter. Integer nanoseconds keep the
-    trace's 100 ns resolution, which a float of epoch seconds (ulp ~0.2 us) would blur.
-    """
-    text = text.strip()
-    if _NUMBER.match(text):
-        whole, _, frac = text.partition(".")
-        return int(whole) * 1_000_000_000 + _fraction_ns(frac)
-    match = _TIMESTAMP.match(text)
-    if not match:
-        raise ValueError(f"unrecognised timestamp {text!r}")
-    moment = datetime.fromisoformat(match["main"].replace("T", " "))
-    moment = moment.replace(tzinfo=_zone(match["tz"]))
-    return int(moment.timestamp()) * 1_000_000_000 + _fraction_ns(match["frac"] or "")
-
-
-def _fraction_ns(digits: str) -> int:
-    return int(digits[:9].ljust(9, "0")) if digits else 0
-
-
-def _zone(text: str | None) -> timezone:
-    if not text or text == "Z":
-        return UTC
-    sign = -1 if text[0] == "-" else 1
-    hours, minutes = int(text[1:3]), int(text[-2:])
-    return timezone(sign * timedelta(hours=hours, minutes=minutes))
-
-
-_COLUMNS = {"timestamp": "TIMESTAMP", "prompt": "ContextTokens", "output": "GeneratedTokens"}
-
-
-def load_trace(path: Path) -> list[TraceRow]:
-    """Reads an Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens).
-
-    Rows come back sorted by arrival (stable for ties), with offsets relative to the earliest
-    (the first row of a sorted trace).
-    Header names match case-insensitively. A malformed row raises ValueError naming its line.
-    """
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty trace")
-        columns = _column_positions(path, header)
-        stamped = [
-            _parse_row(path, line, row, columns)
-            for line, row in enumerate(reader, start=2)
-            if any(cell.strip() for cell in row)  # tolerate blank lines
-        ]
-    if not stamped:
-        raise ValueError(f"{path}: trace has no rows")
-    stamped.sort(key=lambda r: r[0])
-    first = stamped[0][0]
-    return [TraceRow((ns - first) / 1e9, prompt, output) for ns, prompt, output in stamped]
-
-
-def _column_positions(path: Path, header: list[str]) -> dict[str, int]:
-    names = [h.strip().lower() for h in header]
-    missing = [col for col in _COLUMNS.values() if col.lower() not in names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; header is {header}")
-    return {key: names.index(col.lower()) for key, col in _COLUMNS.items()}
-
-
-def _parse_row(
-    path: Path, line: int, row: list[str], columns: dict[str, int]
-) -> tuple[int, int, int]:
-    try:
-        ns = parse_timestamp_ns(row[columns["timestamp"]])
-        prompt = int(row[columns["prompt"]])
-        output = int(row[columns["output"]])
-    except (IndexError, ValueError) as e:
-        raise ValueError(f"{path}:{line}: bad trace row {row}: {e}") from e
-    if prompt < 0 or output < 0:
-        raise ValueError(f"{path}:{line}: negative token count in {row}")
-    return ns, prompt, output
-
-
-def trace_window(
-    rows: Sequence[TraceRow], *, start_s: float = 0.0, count: int | None = None
-) -> list[TraceRow]:
-    """The `count` rows (all when None) arriving at or after `start_s`, re-based to 0."""
-    chosen = [r for r in rows if r.offset_s >= start_s]
-    if count is not None:
-        if count > len(chosen):
-            raise ValueError(f"window wants {count} rows, only {len(chosen)} from {start_s} s")
-        chosen = chosen[:count]
-    if not chosen:
-        return []
-    first = chosen[0].offset_s
-    return [replace(r, offset_s=r.offset_s - first) for r in chosen]
-
-
-def observed_rate(rows: Sequence[TraceRow]) -> float:
-    """Mean arrival rate (requests/s) over the rows: gaps / span, from first to last row."""
-    if len(rows) < 2:
-        raise ValueError("a rate needs at least 2 rows")
-    span = rows[-1].offset_s - rows[0].offset_s
-    if not span > 0:
-        raise ValueError("all rows arrive at once: no rate")
-    return (len(rows) - 1) / span
-
-
-def scale_to_rate(rows: Sequence[TraceRow], rate: float) -> list[TraceRow]:
-    """The rows with timestamps scaled so their mean rate is `rate` (burst shape kept)."""
-    if not rate > 0:
-        raise ValueError(f"rate must be positive, got {rate}")
-    factor = observed_rate(rows) / rate
-    return [replace(r, offset_s=r.offset_s * factor) for r in rows]
-
-
-# -- length scaling ----------------------------------------------------------------------------
-
-
-def _round(x: float) -> int:
-    return math.floor(x + 0.5)  # half up: round() rounds half to even, which surprises
-
-
-@dataclass(frozen=True)
-class LengthScale:
-    """Maps a workload's prompt and output lengths onto a small engine (methodology §4).
-
-    A small model on a CPU cannot take a 4,000-token prompt at a useful rate; scaling prompts
-    and outputs keeps the balance of prefill and decode work the engine sees. Lengths are
-    multiplied by their factor, kept >= 1, capped, and fitted into `max_model_len`
-    (prompt + output, as vLLM requires) by cutting the prompt first: the output length fixes
-    the decode work and the number of TPOT deadlines, which the benchmark judges.
-    """
-
-    prompt_factor: float = 1.0
-    output_factor: float = 1.0
-    max_prompt: int | None = None
-    max_output: int | None = None
-    max_model_len: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (self.prompt_factor > 0 and self.output_factor > 0):
-            raise ValueError("length factors must be positive")
-        for name in ("max_prompt", "max_output"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-
-    def prompt(self, tokens: int) -> int:
-        """A prompt length scaled and capped (before fitting into the model length)."""
-        scaled = max(1, _round(tokens * self.prompt_factor))
-        return scaled if self.max_prompt is None else min(scaled, self.max_prompt)
-
-    def output(self, tokens: int) -> int:
-        """An output length scaled and capped (before fitting into the model length)."""
-        scaled = max(1, _round(tokens * self.output_factor))
-        return scaled if self.max_output is None else min(scaled, self.max_output)
-
-    def apply(self, prompt_tokens: int, output_tokens: int) -> tuple[int, int]:
-        """(prompt, output) on the engine: each >= 1, prompt + output <= max_model_len."""
-        prompt, output = self.prompt(prompt_tokens), self.output(output_tokens)
-        if self.max_model_len is not None:
-            output = min(output, self.max_model_len - 1)
-            prompt = min(prompt, self.max_model_len - output)
-        return prompt, output
-
-    def clipped(self, prompt_tokens: int, output_tokens: int) -> bool:
-        """Whether a cap changed the lengths beyond the plain factors (reported in results)."""
-        plain = (
-            max(1, _round(prompt_tokens * self.prompt_factor)),
-            max(1, _round(output_tokens * self.output_factor)),
-        )
-        return self.apply(prompt_tokens, output_tokens) != plain
-
-    def describe(self) -> dict[str, Any]:
-        """The scaling, for the results (methodology §4: write the scaling into the results)."""
-        return {
-            "prompt_factor": self.prompt_factor,
-            "output_factor": self.output_factor,
-            "max_prompt": self.max_prompt,
-            "max_output": self.max_output,
-            "max_model_len": self.max_model_len,
-        }
-
-
-# -- SLO presets -------------------------------------------------------------------------------
-
-# TTFT never below this many idle decode steps: a tiny prompt prefills in about one step, and
-# a budget of a few milliseconds would be missed by any request that waits behind one step.
-TTFT_FLOOR_X = 3.0
-
-
-@dataclass(frozen=True)
-class SloPreset:
-    """SLO of a class as multiples of the engine's zero-load times (methodology §4).
-
-    TTFT = `ttft_x` x the zero-load prefill of the request's own prompt; TPOT = `tpot_x` x the
-    idle decode step; `thinking_tpot_x` the same for a thinking stage.
-    """
-
-    ttft_x: float
-    tpot_x: float
-    thinking_tpot_x: float | None = None
-
-
-CHAT = SloPreset(ttft_x=5, tpot_x=4)
-CODING = SloPreset(ttft_x=5, tpot_x=2)
-SUMMARIZATION = SloPreset(ttft_x=3, tpot_x=4)
-REASONING = SloPreset(ttft_x=3, tpot_x=4, thinking_tpot_x=2)
-TOOL_LOOP = SloPreset(ttft_x=3, tpot_x=2)
-TOOL_FINAL = SloPreset(ttft_x=3, tpot_x=4)
-
-
-class SloReference:
-    """The engine's zero-load times that SLO presets are multiples of.
-
-    The idle decode step is taken at empty context: the methodology's "measured idle decode
-    step". Prefill times are memoised: workloads repeat prompt lengths.
-    """
-
-    def __init__(
-        self, model: StepTimeModel, chunk_tokens: int = 2048, ttft_floor_x: float = TTFT_FLOOR_X
-    ) -> None:
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
-        self.model = model
-        self.chunk_tokens = chunk_tokens
-        self.idle_decode_s = model.idle_decode_s()
-        if not self.idle_decode_s > 0:
-            raise ValueError(f"the step model predicts an idle decode of {self.idle_decode_s} s")
-        self.ttft_floor_s = ttft_floor_x * self.idle_decode_s
-        self._prefill: dict[int, float] = {}
-
-    def prefill_s(self, prompt_tokens: int) -> float:
-        if prompt_tokens not in self._prefill:
-            self._prefill[prompt_tokens] = self.model.prefill_s(prompt_tokens, self.chunk_tokens)
-        return self._prefill[prompt_tokens]
-
-    def ttft_s(self, preset: SloPreset, prompt_tokens: int) -> float:
-        return max(preset.ttft_x * self.prefill_s(prompt_tokens), self.ttft_floor_s)
-
-    def budgets(self, preset: SloPreset, prompt_tokens: int, thinking_tokens: int = 0) -> Budgets:
-        """One request's budgets: TTFT from its own prompt, TPOT from the idle decode step."""
-        thinking = preset.thinking_tpot_x
-        return Budgets(
-            ttft_s=self.ttft_s(preset, prompt_tokens),
-            tpot_s=preset.tpot_x * self.idle_decode_s,
-            thinking_tpot_s=None if thinking is None else thinking * self.idle_decode_s,
-            thinking_tokens=thinking_tokens if thinking is not None else 0,
-        )
-
-    def describe(self, preset: SloPreset) -> str:
-        """The preset in words, with the engine's numbers, for a workload's `classes`."""
-        words = (
-            f"TTFT {preset.ttft_x:g}x zero-load prefill of the prompt "
-            f"(at least {self.ttft_floor_s:.4f} s), "
-            f"TPOT {preset.tpot_x:g}x idle decode step = {preset.tpot_x * self.idle_decode_s:.4f} s"
-        )
-        if preset.thinking_tpot_x is not None:
-            thinking_s = preset.thinking_tpot_x * self.idle_decode_s
-            words += f", thinking TPOT {preset.thinking_tpot_x:g}x = {thinking_s:.4f} s"
-        return words
-
-
-def preset_budgets(
-    model: StepTimeModel,
-    preset: SloPreset,
-    prompt_tokens: int,
-    *,
-    chunk_tokens: int = 2048,
-    thinking_tokens: int = 0,
-) -> Budgets:
-    """Budgets of one request under `preset` on the engine `model` describes."""
-    return SloReference(model, chunk_tokens).budgets(preset, prompt_tokens, thinking_tokens)
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -736,7 +271,7 @@ def _synthetic_part(
     """A class with log-normal lengths and renewal arrivals at unit rate."""
     rng = _rng(spec.seed, part, "lengths")
     lengths = (dists[0].sample(rng, spec.count), dists[1].sample(rng, spec.count))
-    arrivals = _unit_offsets(_rng(spec.seed, part, "arrivals"), spec.count, gaps)
+    arrivals = unit_offsets(_rng(spec.seed, part, "arrivals"), spec.count, gaps)
     drafts, clipped = _simple_part(spec, class_name, preset, lengths, arrivals)
     source = {"synthetic": {"prompt": dists[0].describe(), "output": dists[1].describe()}}
     return _Part(drafts, arrival, {class_name: spec.ref.describe(preset)}, source, clipped)
@@ -746,21 +281,21 @@ def _chat_part(spec: _Spec) -> _Part:
     if spec.trace_dir is not None:
         return _trace_part(spec, "chat", CONV_TRACE, "chat", CHAT)
     dists = (CHAT_PROMPT, CHAT_OUTPUT)
-    return _synthetic_part(spec, "chat", "chat", CHAT, dists, _exponential_gaps, "poisson")
+    return _synthetic_part(spec, "chat", "chat", CHAT, dists, exponential_gaps, "poisson")
 
 
 def _coding_part(spec: _Spec) -> _Part:
     if spec.trace_dir is not None:
         return _trace_part(spec, "coding", CODE_TRACE, "coding", CODING)
     dists = (CODE_PROMPT, CODE_OUTPUT)
-    gaps = _gamma_sampler(CODE_CV)
+    gaps = gamma_sampler(CODE_CV)
     return _synthetic_part(spec, "coding", "coding", CODING, dists, gaps, f"gamma(cv={CODE_CV:g})")
 
 
 def _summarization_part(spec: _Spec) -> _Part:
     dists = (SUMMARY_PROMPT, SUMMARY_OUTPUT)
     return _synthetic_part(
-        spec, "summarization", "summarization", SUMMARIZATION, dists, _exponential_gaps, "poisson"
+        spec, "summarization", "summarization", SUMMARIZATION, dists, exponential_gaps, "poisson"
     )
 
 
@@ -768,7 +303,7 @@ def _split_thinking(output: int, thinking: int, answer: int) -> int:
     """Thinking tokens of a scaled output, in the drawn proportion; at least one answer token."""
     if output < 2:
         return 0
-    return min(output - 1, max(1, _round(output * thinking / (thinking + answer))))
+    return min(output - 1, max(1, round_half_up(output * thinking / (thinking + answer))))
 
 
 def _reasoning_part(spec: _Spec) -> _Part:
@@ -779,9 +314,7 @@ def _reasoning_part(spec: _Spec) -> _Part:
     answers = REASONING_ANSWER.sample(rng, spec.count)
     totals = [t + a for t, a in zip(thinking, answers, strict=True)]
     pairs, clipped = _scaled_pairs(spec, prompts, totals)
-    arrivals = _unit_offsets(
-        _rng(spec.seed, "reasoning", "arrivals"), spec.count, _exponential_gaps
-    )
+    arrivals = unit_offsets(_rng(spec.seed, "reasoning", "arrivals"), spec.count, exponential_gaps)
     drafts: list[_Draft] = []
     for t, (p, o), th, an in zip(arrivals, pairs, thinking, answers, strict=True):
         budgets = spec.ref.budgets(REASONING, p, thinking_tokens=_split_thinking(o, th, an))
@@ -842,7 +375,9 @@ class _Session:
 def _draw_session(rng: np.random.Generator, rounds: int, scale: LengthScale) -> _Session:
     """Draws one session and scales its pieces; the whole session's context is fitted below."""
     first = scale.prompt(TOOL_FIRST_PROMPT.sample(rng, 1)[0])
-    tools = [max(1, _round(t * scale.prompt_factor)) for t in TOOL_RESULT.sample(rng, rounds - 1)]
+    tools = [
+        max(1, round_half_up(t * scale.prompt_factor)) for t in TOOL_RESULT.sample(rng, rounds - 1)
+    ]
     calls = [scale.output(o) for o in TOOL_CALL_OUTPUT.sample(rng, rounds - 1)]
     final = scale.output(TOOL_FINAL_OUTPUT.sample(rng, 1)[0])
     delays = [float(d) for d in rng.uniform(*TOOL_DELAY_S, rounds - 1)]
@@ -900,8 +435,8 @@ def _tool_part(spec: _Spec) -> _Part:
         clipped += rounds if was_clipped else 0
     # Session starts: Poisson at sessions/requests per unit time, so requests come at ~1/s.
     spacing = spec.count / len(sessions) if sessions else 1.0
-    starts = _unit_offsets(
-        _rng(spec.seed, "tool-calling", "arrivals"), len(sessions), _exponential_gaps
+    starts = unit_offsets(
+        _rng(spec.seed, "tool-calling", "arrivals"), len(sessions), exponential_gaps
     )
     drafts: list[_Draft] = []
     for number, (session, start) in enumerate(zip(sessions, starts, strict=True)):
