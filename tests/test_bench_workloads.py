@@ -231,12 +231,19 @@ def test_mixed_splits_count_and_rate_evenly() -> None:
         "reasoning": 200,
         "tool-calling": 200,
     }
-    # Each part alone at rate 1: the chat part is the chatbot scenario at a fifth of the rate.
+    # Each part alone at rate 1: the chat part is the chatbot scenario at a fifth of the rate,
+    # shifted by its own phase so the five parts do not all start at once.
     chat_alone = build("chatbot", count=201, rate=1.0)
     chat_mixed = [r for r in workload.requests if r.slo_class == "chat"]
-    assert [r.arrival_s for r in chat_mixed] == pytest.approx(
-        [r.arrival_s for r in chat_alone.requests]
+    phase = chat_mixed[0].arrival_s
+    assert 0 < phase < 1.0
+    assert [r.arrival_s - phase for r in chat_mixed] == pytest.approx(
+        [r.arrival_s for r in chat_alone.requests], abs=1e-9
     )
+    first_arrivals = {
+        c: min(r.arrival_s for r in workload.requests if r.slo_class == c) for c in counts
+    }
+    assert len(set(first_arrivals.values())) == len(counts)
     assert [r.prompt_tokens for r in chat_mixed] == [r.prompt_tokens for r in chat_alone.requests]
 
 

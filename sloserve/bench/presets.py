@@ -130,6 +130,10 @@ class SloReference:
         if not self.idle_decode_s > 0:
             raise ValueError(f"the step model predicts an idle decode of {self.idle_decode_s} s")
         self.ttft_floor_s = ttft_floor_x * self.idle_decode_s
+        # A serving stack's fixed cost per request (request handling, first-token streaming),
+        # measured end to end at zero load and recorded in the profile: part of the zero-load
+        # TTFT that no engine step shows.
+        self.request_overhead_s = float(model.metadata.get("request_overhead_s", 0.0))
         self._prefill: dict[int, float] = {}
 
     def prefill_s(self, prompt_tokens: int) -> float:
@@ -138,7 +142,8 @@ class SloReference:
         return self._prefill[prompt_tokens]
 
     def ttft_s(self, preset: SloPreset, prompt_tokens: int) -> float:
-        return max(preset.ttft_x * self.prefill_s(prompt_tokens), self.ttft_floor_s)
+        zero_load = self.prefill_s(prompt_tokens) + self.request_overhead_s
+        return max(preset.ttft_x * zero_load, self.ttft_floor_s)
 
     def budgets(self, preset: SloPreset, prompt_tokens: int, thinking_tokens: int = 0) -> Budgets:
         """One request's budgets: TTFT from its own prompt, TPOT from the idle decode step."""

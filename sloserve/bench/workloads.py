@@ -499,14 +499,18 @@ _PARTS: dict[str, PartBuilder] = {
 }
 
 
-def _merge(parts: Sequence[tuple[_Part, float]], rate: float) -> list[BenchRequest]:
+def _merge(
+    parts: Sequence[tuple[_Part, float]], rate: float, phases: Sequence[float] | None = None
+) -> list[BenchRequest]:
     """Merges parts, each running at `share` x `rate`, into one stream indexed by arrival.
 
     Order is decided in rate-free time (unit arrival / share), so it is the same at every
-    rate; ties keep part order, then draft order (a session's rounds stay in order).
+    rate; ties keep part order, then draft order (a session's rounds stay in order). `phases`
+    shift each part's start (in unit time), so independent parts do not all arrive at once.
     """
+    shifts = phases or [0.0] * len(parts)
     keyed = [
-        (draft.unit_arrival / share, p, i, draft)
+        ((draft.unit_arrival + shifts[p]) / share, p, i, draft)
         for p, (part, share) in enumerate(parts)
         for i, draft in enumerate(part.drafts)
     ]
@@ -667,7 +671,12 @@ def mixed(
     share = 1.0 / len(built)  # each part runs at rate / 5
     return Workload(
         name="mixed",
-        requests=_merge([(part, share) for part in built.values()], rate),
+        requests=_merge(
+            [(part, share) for part in built.values()],
+            rate,
+            # Each part starts one random mean gap in, as independent applications would.
+            phases=_rng(seed, "mixed-phase").uniform(0.0, 1.0, len(built)).tolist(),
+        ),
         classes={k: v for part in built.values() for k, v in part.classes.items()},
         scaling=scale.describe() | {"clipped_requests": sum(p.clipped for p in built.values())},
         seed=seed,
