@@ -566,81 +566,55 @@ def _single(
     )
 
 
-def chatbot(
-    model: StepTimeModel,
-    rate: float,
-    count: int,
-    seed: int = 0,
-    scale: LengthScale | None = None,
-    trace_dir: Path | None = None,
-    chunk_tokens: int = 2048,
-) -> Workload:
-    """Chat: the Azure conversation trace (a seeded window of `count` rows, timestamps scaled
-    to `rate` requests/s) when `trace_dir` is given, else log-normal lengths with the trace's
-    median and p99 and Poisson arrivals at `rate`. Class "chat": TTFT 5x, TPOT 4x."""
-    return _single("chatbot", model, rate, count, seed, scale, trace_dir, chunk_tokens)
+# What each single-part scenario is; the builders themselves are `_single`'s part table.
+_SCENARIO_DOCS = {
+    "chatbot": (
+        "Chat: the Azure conversation trace (a seeded window of `count` rows, timestamps scaled "
+        "to `rate` requests/s) when `trace_dir` is given, else log-normal lengths with the trace's "
+        "median and p99 and Poisson arrivals at `rate`. Class 'chat': TTFT 5x, TPOT 4x."
+    ),
+    "coding": (
+        "Code completion: the Azure code trace (very bursty) scaled to `rate` requests/s, else a "
+        "Gamma (cv 3) process at mean `rate` with the trace's length statistics. "
+        "Class 'coding': TTFT 5x, TPOT 2x."
+    ),
+    "summarization": (
+        "Summarization: prompts of several thousand tokens, outputs ~200; Poisson at `rate` "
+        "requests/s (`trace_dir` unused). Class 'summarization': TTFT 3x, TPOT 4x."
+    ),
+    "reasoning": (
+        "Reasoning: short prompts, long outputs of thinking then answer; Poisson at `rate` "
+        "requests/s (`trace_dir` unused). Class 'reasoning': TTFT 3x, thinking TPOT 2x, answer 4x; "
+        "Budgets.thinking_tokens is each request's own thinking length."
+    ),
+    "tool-calling": (
+        "Tool-calling agents: sessions of 2-6 rounds, tool delays of 0.2-2 s between rounds, the "
+        "context growing each round. `count` is requests (rounds), exactly; `rate` is requests/s: "
+        "sessions start as a Poisson process at rate x sessions / requests, so rounds are issued "
+        "at about `rate` (follow-up rounds wait for completions and tool delays, so under load the "
+        "realised request rate is a little lower). Class 'tool-calling': TTFT 3x per round, TPOT "
+        "2x for loop rounds and 4x for the final round. `trace_dir` unused."
+    ),
+}
 
 
-def coding(
-    model: StepTimeModel,
-    rate: float,
-    count: int,
-    seed: int = 0,
-    scale: LengthScale | None = None,
-    trace_dir: Path | None = None,
-    chunk_tokens: int = 2048,
-) -> Workload:
-    """Code completion: the Azure code trace (very bursty) scaled to `rate` requests/s, else a
-    Gamma (cv 3) process at mean `rate` with the trace's length statistics.
-    Class "coding": TTFT 5x, TPOT 2x."""
-    return _single("coding", model, rate, count, seed, scale, trace_dir, chunk_tokens)
+def _single_scenario(name: str) -> Scenario:
+    """The scenario `name` alone, with the common scenario signature."""
 
+    def build(
+        model: StepTimeModel,
+        rate: float,
+        count: int,
+        seed: int = 0,
+        scale: LengthScale | None = None,
+        trace_dir: Path | None = None,
+        chunk_tokens: int = 2048,
+    ) -> Workload:
+        return _single(name, model, rate, count, seed, scale, trace_dir, chunk_tokens)
 
-def summarization(
-    model: StepTimeModel,
-    rate: float,
-    count: int,
-    seed: int = 0,
-    scale: LengthScale | None = None,
-    trace_dir: Path | None = None,
-    chunk_tokens: int = 2048,
-) -> Workload:
-    """Summarization: prompts of several thousand tokens, outputs ~200; Poisson at `rate`
-    requests/s (`trace_dir` unused). Class "summarization": TTFT 3x, TPOT 4x."""
-    return _single("summarization", model, rate, count, seed, scale, trace_dir, chunk_tokens)
-
-
-def reasoning(
-    model: StepTimeModel,
-    rate: float,
-    count: int,
-    seed: int = 0,
-    scale: LengthScale | None = None,
-    trace_dir: Path | None = None,
-    chunk_tokens: int = 2048,
-) -> Workload:
-    """Reasoning: short prompts, long outputs of thinking then answer; Poisson at `rate`
-    requests/s (`trace_dir` unused). Class "reasoning": TTFT 3x, thinking TPOT 2x, answer 4x;
-    Budgets.thinking_tokens is each request's own thinking length."""
-    return _single("reasoning", model, rate, count, seed, scale, trace_dir, chunk_tokens)
-
-
-def tool_calling(
-    model: StepTimeModel,
-    rate: float,
-    count: int,
-    seed: int = 0,
-    scale: LengthScale | None = None,
-    trace_dir: Path | None = None,
-    chunk_tokens: int = 2048,
-) -> Workload:
-    """Tool-calling agents: sessions of 2-6 rounds, tool delays of 0.2-2 s between rounds, the
-    context growing each round. `count` is requests (rounds), exactly; `rate` is requests/s:
-    sessions start as a Poisson process at rate x sessions / requests, so rounds are issued
-    at about `rate` (follow-up rounds wait for completions and tool delays, so under load the
-    realised request rate is a little lower). Class "tool-calling": TTFT 3x per round, TPOT
-    2x for loop rounds and 4x for the final round. `trace_dir` unused."""
-    return _single("tool-calling", model, rate, count, seed, scale, trace_dir, chunk_tokens)
+    build.__name__ = name.replace("-", "_")
+    build.__doc__ = _SCENARIO_DOCS[name]
+    return build
 
 
 def _split_count(count: int, parts: int) -> list[int]:
@@ -703,11 +677,7 @@ class Scenario(Protocol):
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "chatbot": chatbot,
-    "coding": coding,
-    "summarization": summarization,
-    "reasoning": reasoning,
-    "tool-calling": tool_calling,
+    **{name: _single_scenario(name) for name in _SCENARIO_DOCS},
     "mixed": mixed,
 }
 
