@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ class EngineSettings:
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy" on a GPU gives real shapes without weights
     step_socket: Path | None = None  # where the scheduler reports executed steps (steps.py)
-    extra: dict[str, Any] = field(default_factory=dict)  # further AsyncEngineArgs fields
 
 
 @dataclass
@@ -85,7 +84,6 @@ def engine_args(settings: EngineSettings) -> AsyncEngineArgs:
         "dtype": settings.dtype,
         "enforce_eager": settings.enforce_eager,
         "load_format": settings.load_format,
-        **settings.extra,
     }
     if settings.step_socket is not None:
         # additional_config is how settings reach the scheduler in the engine-core process.

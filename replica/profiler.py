@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 import random
 import tempfile
@@ -63,8 +64,6 @@ def _hardware() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"CPU {model_name or platform.processor()} ({os.cpu_count()} cores)"
 
 

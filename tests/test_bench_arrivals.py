@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bench_helpers import cv, gaps
 
 from sloserve.bench.arrivals import Burst, burst_arrivals, gamma_arrivals, poisson_arrivals
-
-
-def gaps(offsets: list[float]) -> np.ndarray:
-    return np.diff(np.array(offsets))
-
-
-def cv(values: np.ndarray) -> float:
-    return float(np.std(values) / np.mean(values))
 
 
 def test_poisson_has_the_rate_and_exponential_gaps() -> None:

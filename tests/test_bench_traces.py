@@ -6,11 +6,11 @@ The real Azure traces are used when the shared trace folder is present (SLOSERVE
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import REAL_TRACES, cv, gaps, write_trace
 
 from sloserve.bench.traces import (
     CODE_TRACE,
@@ -22,24 +22,6 @@ from sloserve.bench.traces import (
     scale_to_rate,
     trace_window,
 )
-
-REAL_TRACES = Path(
-    os.environ.get("SLOSERVE_TRACE_DIR", Path(__file__).resolve().parents[2] / "shared" / "traces")
-)
-
-
-def gaps(offsets: list[float]) -> np.ndarray:
-    return np.diff(np.array(offsets))
-
-
-def cv(values: np.ndarray) -> float:
-    return float(np.std(values) / np.mean(values))
-
-
-def write_trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
-    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens", *(f"{t},{p},{o}" for t, p, o in rows)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_timestamp_parsing_keeps_seven_digits() -> None:

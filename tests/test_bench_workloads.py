@@ -7,7 +7,6 @@ when the shared trace folder is present (SLOSERVE_TRACE_DIR, else ../shared/trac
 from __future__ import annotations
 
 import itertools
-import os
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from bench_helpers import REAL_TRACES, cv, gaps, write_trace
 
 from sloserve.bench.arrivals import Burst
 from sloserve.bench.presets import LengthScale
@@ -23,30 +23,12 @@ from sloserve.bench.types import BenchRequest
 from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario, with_burst
 from sloserve.stepmodel import StepTimeModel
 
-REAL_TRACES = Path(
-    os.environ.get("SLOSERVE_TRACE_DIR", Path(__file__).resolve().parents[2] / "shared" / "traces")
-)
-
 # An engine whose idle decode step is 25 ms (a floor piece) and whose prefill costs 50 us per
 # token past the knee: a 2,000-token prompt prefills in about 0.1 s.
 MODEL = StepTimeModel(pieces=[(0.025, 0.0, 0.0, 0.0), (0.005, 5e-5, 0.0, 1e-8)])
 IDLE = 0.025
 # A small engine: quarter lengths, 1,024 tokens of context.
 SMALL = LengthScale(prompt_factor=0.25, output_factor=0.25, max_model_len=1024)
-
-
-def gaps(offsets: list[float]) -> np.ndarray:
-    return np.diff(np.array(offsets))
-
-
-def cv(values: np.ndarray) -> float:
-    return float(np.std(values) / np.mean(values))
-
-
-def write_trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
-    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens", *(f"{t},{p},{o}" for t, p, o in rows)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def tiny_traces(folder: Path, rows: int = 60) -> Path:

@@ -147,8 +147,11 @@ def _mode(args: argparse.Namespace) -> Mode:
     return QUICK if args.quick else FULL
 
 
-def _describe_run(args: argparse.Namespace, mode: Mode, model: StepTimeModel) -> dict[str, Any]:
-    sample = _workload(args, model, 1.0, mode.requests)
+def _describe_run(
+    args: argparse.Namespace, mode: Mode, model: StepTimeModel, reference: Workload
+) -> dict[str, Any]:
+    """What was run; `reference` is the workload at 1 req/s (lengths and classes are the same
+    at every rate, only arrivals scale)."""
     return {
         "scenario": args.scenario,
         "mode": mode.name,
@@ -159,7 +162,7 @@ def _describe_run(args: argparse.Namespace, mode: Mode, model: StepTimeModel) ->
             else "full mode"
         ),
         "seed": args.seed,
-        "workload": sample.describe(),
+        "workload": reference.describe(),
         "profile": model.to_json(),
         "command": " ".join(["sloserve", *sys.argv[1:]]),
     }
@@ -169,7 +172,8 @@ def run_command(args: argparse.Namespace) -> int:
     mode = _mode(args)
     model = _load_profile(args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = _describe_run(args, mode, model)
+    reference = _workload(args, model, 1.0, mode.requests)
+    payload = _describe_run(args, mode, model, reference)
     use_priority = args.priority
     if args.rate is not None:
         workload = _workload(args, model, args.rate, args.requests or mode.requests)
@@ -189,7 +193,7 @@ def run_command(args: argparse.Namespace) -> int:
         result, by_rate = _search(args, mode, model, args.target, use_priority)
         payload |= {
             "capacity": result.to_json(),
-            "fluid_bound": _fluid(model, _workload(args, model, 1.0, mode.requests)),
+            "fluid_bound": _fluid(model, reference),
         }
         rows = report.rows_from_capacity(args.target, result)
         table = report.markdown_table(rows)
@@ -217,7 +221,8 @@ def compare_command(args: argparse.Namespace) -> int:
     shape = EngineShape(
         model=args.model, max_model_len=BENCH_MAX_MODEL_LEN, kv_cache_gib=args.kv_cache_gib
     )
-    fluid = _fluid(model, _workload(args, model, 1.0, mode.requests))
+    reference = _workload(args, model, 1.0, mode.requests)
+    fluid = _fluid(model, reference)
     results: dict[str, CapacityResult] = {}
     last_records: dict[str, list[RequestRecord]] = {}
     for name in systems:
@@ -230,7 +235,7 @@ def compare_command(args: argparse.Namespace) -> int:
             last_records[name] = by_rate[max(by_rate)]
         _progress(f"== {name}: capacity {result.capacity:.3f} req/s ({result.status})")
 
-    summary = _summary(args, mode, model, systems, results, fluid)
+    summary = _summary(args, mode, model, reference, systems, results, fluid)
     report.write_results(args.out / "summary.json", summary)
     rows = [row for name in systems for row in report.rows_from_capacity(name, results[name])]
     capacity_rows = [report.CapacityRow.from_result(name, results[name]) for name in systems]
@@ -262,6 +267,7 @@ def _summary(
     args: argparse.Namespace,
     mode: Mode,
     model: StepTimeModel,
+    reference: Workload,
     systems: list[str],
     results: dict[str, CapacityResult],
     fluid: float,
@@ -275,7 +281,7 @@ def _summary(
     tuned = [s for s in systems if s in VLLM_VARIANTS and s != BASELINE]
     best_tuned = max(tuned, key=lambda s: capacity[s]) if tuned else None
     return {
-        **_describe_run(args, mode, model),
+        **_describe_run(args, mode, model, reference),
         "machine": model.metadata.get("hardware"),
         "fluid_bound_rps": fluid,
         "systems": {

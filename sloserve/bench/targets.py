@@ -16,6 +16,7 @@ import aiohttp
 from sloserve.bench.types import BenchRequest, RequestRecord
 from sloserve.client import AsyncClient, build_request
 from sloserve.errors import RejectedError, SloserveError
+from sloserve.v1 import slo_pb2
 
 
 class Target(Protocol):
@@ -52,7 +53,9 @@ class SloserveTarget:
                 now = time.time()
                 event = response.WhichOneof("event")
                 if event == "admission":
-                    record.best_effort = response.admission.mode == 2  # BEST_EFFORT
+                    record.best_effort = (
+                        response.admission.mode == slo_pb2.ADMISSION_MODE_BEST_EFFORT
+                    )
                 elif event == "delta":
                     record.token_times.extend([now] * len(response.delta.token_ids))
                 elif event == "completion":
