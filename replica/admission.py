@@ -1,37 +1,212 @@
-"""Where a replica decides whether to take a request now.
+"""Where admission is decided: admit a request with its SLO, serve it as best effort, or reject.
 
-For now the decision is a bounded queue: a replica takes no more requests waiting for their
-first token than `max_waiting`. The SLO planner's soft admission replaces this test.
+Decided once, when the request reaches the engine's scheduler, by simulating forward:
+- Compute. The admitted requests still prefilling and the candidate are prefilled in order of
+  TTFT deadline, as the planner does. While they do, every decoding request rides in each step
+  and steps last the tightest TPOT among them (the planner's steady state once decodes have
+  spent their slack; it can only do better). Each request's first token must land before its
+  TTFT deadline, and the final decode batch must fit in a step of the tightest TPOT. The
+  candidate is turned away if it would miss, or if an admitted request that would have met its
+  deadline without it would miss with it.
+- Memory. The KV cache must hold every admitted request's prompt and its expected output
+  (max_tokens, or its class's learned length when that is smaller). Best-effort requests do
+  not count: they are preempted first to make room.
+
+Output lengths are not known at arrival; memory uses the per-class length estimate, compute
+assumes no running request finishes during the horizon (conservative). The model's error is
+covered by the planner's safety factor.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sloserve.replica.state import ReplicaState
-from sloserve.v1 import slo_pb2
+from sloserve.replica.planner import LiveLimits, PlannerSettings
+from sloserve.replica.slo_request import Mode, Reason, SloRequest
+from sloserve.stepmodel import StepShape, StepTimeModel
 
 
 @dataclass(frozen=True)
-class Decision:
-    admit: bool
-    reason: slo_pb2.RejectReason = slo_pb2.REJECT_REASON_UNSPECIFIED
-    predicted_ttft_s: float = 0.0
-    retry_after_s: float = 0.0
+class Verdict:
+    mode: Mode | None  # None: rejected
+    reason: Reason = Reason.NONE
 
     @property
-    def reason_name(self) -> str:
-        """The RejectReason name without its prefix, as sent in ErrorInfo.reason."""
-        return slo_pb2.RejectReason.Name(self.reason).removeprefix("REJECT_REASON_")
+    def rejected(self) -> bool:
+        return self.mode is None
 
 
-def decide(state: ReplicaState, prompt_tokens: int) -> Decision:
-    queued = state.pending_prefill_tokens + prompt_tokens
-    predicted = state.prefill_rate.predict_ttft(queued)
-    if state.draining:
-        return Decision(False, slo_pb2.REJECT_REASON_DRAINING, predicted)
-    if state.waiting_for_first_token >= state.max_waiting:
-        # The queue drains about as fast as its prompts prefill; retry after that.
-        retry = max(0.1, state.prefill_rate.predict_ttft(state.pending_prefill_tokens))
-        return Decision(False, slo_pb2.REJECT_REASON_QUEUE_FULL, predicted, retry)
-    return Decision(True, predicted_ttft_s=predicted)
+ADMIT = Verdict(Mode.ADMITTED)
+
+
+class OutputLengths:
+    """Per-class output lengths of finished requests, for the KV-memory bound.
+
+    Keeps the last `window` lengths per class and answers a high quantile, so a request is
+    expected to need as much KV as most of its class did.
+    """
+
+    def __init__(self, window: int = 200, quantile: float = 0.9, min_samples: int = 20) -> None:
+        self._window = window
+        self._quantile = quantile
+        self._min_samples = min_samples
+        self._by_class: dict[str, deque[int]] = {}
+        self._sorted: dict[str, list[int]] = {}
+
+    def observe(self, class_name: str, tokens: int) -> None:
+        recent = self._by_class.setdefault(class_name, deque(maxlen=self._window))
+        ordered = self._sorted.setdefault(class_name, [])
+        if len(recent) == self._window:
+            ordered.pop(bisect.bisect_left(ordered, recent[0]))
+        recent.append(tokens)
+        bisect.insort(ordered, tokens)
+
+    def expected(self, class_name: str, max_tokens: int) -> int:
+        ordered = self._sorted.get(class_name, [])
+        if len(ordered) < self._min_samples:
+            return max_tokens
+        index = min(len(ordered) - 1, math.ceil(self._quantile * len(ordered)) - 1)
+        return min(max_tokens, ordered[index])
+
+
+class AdmissionController:
+    def __init__(
+        self,
+        model: StepTimeModel,
+        settings: PlannerSettings,
+        kv_capacity_tokens: int,
+        lengths: OutputLengths | None = None,
+        limits: LiveLimits | None = None,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.lengths = lengths or OutputLengths()
+        self.limits = limits or LiveLimits(safety_factor=settings.safety_factor)
+
+    def decide(self, now: float, candidate: SloRequest, admitted: Sequence[SloRequest]) -> Verdict:
+        """The verdict for `candidate`, given the requests already in the engine."""
+        held = [r for r in admitted if r.admitted and r is not candidate]
+        reason = self._memory(candidate, held)
+        if reason is Reason.NONE:
+            reason = self._compute(now, candidate, held)
+        if reason is Reason.NONE:
+            return ADMIT
+        if candidate.slo.allow_best_effort:
+            return Verdict(Mode.BEST_EFFORT, reason)
+        return Verdict(None, reason)
+
+    # -- memory --------------------------------------------------------------------------
+
+    def kv_tokens(self, request: SloRequest) -> int:
+        expected = self.lengths.expected(request.slo.class_name, request.max_tokens)
+        return request.prompt_tokens + max(expected, request.output_tokens)
+
+    def _memory(self, candidate: SloRequest, held: Iterable[SloRequest]) -> Reason:
+        need = self.kv_tokens(candidate) + sum(self.kv_tokens(r) for r in held)
+        return Reason.MEMORY if need > self.kv_capacity_tokens else Reason.NONE
+
+    # -- compute -------------------------------------------------------------------------
+
+    def _compute(self, now: float, candidate: SloRequest, held: Sequence[SloRequest]) -> Reason:
+        without = self._late_requests(now, held)
+        with_candidate = self._late_requests(now, [*held, candidate])
+        if with_candidate is None:
+            return Reason.COMPUTE
+        if candidate.request_id in with_candidate:
+            return Reason.COMPUTE
+        if without is not None and not with_candidate <= without:
+            return Reason.COMPUTE
+        return Reason.NONE
+
+    def _late_requests(self, now: float, requests: Sequence[SloRequest]) -> set[str] | None:
+        """Requests whose first token would miss its deadline; None if the decode batch that
+        results cannot keep the tightest TPOT at all.
+
+        A decoding request rides in every step until it has produced its expected output;
+        steps of at most its TPOT give it a token each, so it is gone by then at the latest.
+        """
+        s = self.settings
+        # (leaves by, tightest TPOT, planning deadline of its next token, context)
+        decoders = [
+            (now + self._decode_left(r) * _tightest_tpot(r), _tightest_tpot(r),
+             r.planning_deadline(), r.context_tokens)
+            for r in requests if r.output_tokens > 0
+        ]  # fmt: skip
+        queue = sorted((r for r in requests if r.output_tokens == 0), key=lambda r: r.ttft_deadline)
+        late: set[str] = set()
+        t = now
+        for request in queue:
+            active = [d for d in decoders if d[0] > t]
+            tpot = min((d[1] for d in active), default=math.inf)
+            # How far ahead of schedule the most pressed decode is: time the planner may
+            # spend on long prefill steps before it must fall back to steps of one TPOT.
+            slack = max(0.0, min((d[2] - t for d in active), default=math.inf))
+            context = sum(d[3] for d in active)
+            segment = self._prefill_segment(request.prefill_left, len(active), context, tpot, slack)
+            if segment is None:
+                return None
+            t += segment[0]
+            if t + s.delivery_s > request.ttft_deadline:
+                late.add(request.request_id)
+            # It decodes from here on, ahead of schedule by what its early first token left.
+            own_tpot = _tightest_tpot(request)
+            first_due = max(request.ttft_deadline, t) + own_tpot
+            leaves = t + self._decode_left(request) * own_tpot
+            decoders.append((leaves, own_tpot, first_due, request.prompt_tokens))
+        # The largest decode batch the horizon sees must keep the tightest TPOT.
+        batch = [d for d in decoders if d[0] > t]
+        tpot = min((d[1] for d in batch), default=math.inf)
+        if batch and not math.isinf(tpot):
+            compute_s = (tpot - self.limits.overhead_s) / self.limits.safety_factor
+            fits = self.model.tokens_within(compute_s, len(batch), sum(d[3] for d in batch))
+            if fits < len(batch) or len(batch) > s.max_running:
+                return None
+        return late
+
+    def _decode_left(self, request: SloRequest) -> int:
+        expected = self.lengths.expected(request.slo.class_name, request.max_tokens)
+        return max(1, expected - request.output_tokens)
+
+    def _prefill_segment(
+        self, tokens: int, batch: int, context: int, tpot: float, slack: float
+    ) -> tuple[float, float] | None:
+        """How long the planner takes to prefill `tokens` alongside `batch` decodes, and the
+        decodes' slack left after it; None when the decodes cannot keep their TPOT.
+
+        With k steps the segment lasts H = k * c0 + tokens * c1 (c0: a step's cost with the
+        decodes alone, c1: the cost of one more prompt token). Steps are at most
+        `max_step_tokens` (and `max_step_s`) long, so k >= tokens / max tokens per step; and
+        each step gives every decode a token, so the decodes stay on time while
+        k * tpot + slack >= H. The segment is the shortest H that satisfies both.
+        """
+        s = self.settings
+        sf = self.limits.safety_factor
+        chunk = min(tokens, s.max_step_tokens)
+        empty = self.model.predict(StepShape(batch, batch + 1, context))
+        full = self.model.predict(StepShape(batch + chunk, batch + 1, context + chunk))
+        c0 = empty * sf + self.limits.overhead_s
+        c1 = max(0.0, full - empty) / chunk * sf
+        per_step = s.max_step_tokens
+        if c1 > 0 and not math.isinf(self.limits.max_step_s):
+            per_step = max(1, min(per_step, int((self.limits.max_step_s - c0) / c1)))
+        steps = math.ceil(tokens / per_step)
+        duration = steps * c0 + tokens * c1
+        if batch == 0 or math.isinf(tpot):
+            return duration, slack
+        if c0 >= tpot:
+            return None
+        bound = (tokens * c1 - slack * c0 / tpot) / (1 - c0 / tpot)
+        if bound > duration:
+            steps_taken = (bound - tokens * c1) / c0
+            return bound, max(0.0, slack + steps_taken * tpot - bound)
+        return duration, max(0.0, slack + steps * tpot - duration)
+
+
+def _tightest_tpot(request: SloRequest) -> float:
+    budgets = request.budgets
+    return min(budgets.tpot_s, budgets.thinking_tpot_s or math.inf)

@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from sloserve import errors
 from sloserve.protoconv import budgets_to_proto, duration
-from sloserve.replica.admission import decide
+from sloserve.replica.intake import decide
 from sloserve.replica.runtime import ReplicaRuntime
 from sloserve.replica.validation import budgets_from_proto, resolve_slo
 from sloserve.slo import SloCatalog, SloClass

@@ -24,7 +24,12 @@ class EngineSettings:
     enforce_eager: bool = False
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy" on a GPU gives real shapes without weights
-    step_socket: Path | None = None  # where the scheduler reports executed steps (steps.py)
+    step_socket: Path | None = None  # where the scheduler reports steps and verdicts
+    # The step-time profile (StepTimeModel.to_json()) the SLO policy plans with; None runs
+    # vLLM's own scheduling policy, as does policy "vllm" (the ablation).
+    profile: dict[str, Any] | None = None
+    policy: str = "slo"
+    fault_step_delay_s: float = 0.0  # tests only: slows every step down (scheduler.py)
 
 
 @dataclass
@@ -85,9 +90,15 @@ def engine_args(settings: EngineSettings) -> AsyncEngineArgs:
         "enforce_eager": settings.enforce_eager,
         "load_format": settings.load_format,
     }
+    # additional_config is how settings reach the scheduler in the engine-core process.
+    sloserve: dict[str, Any] = {"policy": settings.policy}
     if settings.step_socket is not None:
-        # additional_config is how settings reach the scheduler in the engine-core process.
-        kwargs["additional_config"] = {CONFIG_KEY: {"step_socket": str(settings.step_socket)}}
+        sloserve["step_socket"] = str(settings.step_socket)
+    if settings.profile is not None:
+        sloserve["profile"] = settings.profile
+    if settings.fault_step_delay_s:
+        sloserve["fault_step_delay_s"] = settings.fault_step_delay_s
+    kwargs["additional_config"] = {CONFIG_KEY: sloserve}
     optional = {
         "max_model_len": settings.max_model_len,
         "kv_cache_memory_bytes": settings.kv_cache_bytes,

@@ -14,8 +14,10 @@ from vllm.sampling_params import RequestOutputKind
 
 from sloserve import errors
 from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
-from sloserve.replica.admission import decide
+from sloserve.replica.intake import decide
+from sloserve.replica.reports import VerdictRecord
 from sloserve.replica.runtime import ReplicaRuntime
+from sloserve.replica.scheduler import EXPIRED_STOP_REASON, REJECTED_PREFIX
 from sloserve.replica.validation import ValidRequest, validate
 from sloserve.slo import judge
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, slo_pb2
@@ -42,6 +44,12 @@ def _vllm_sampling(valid: ValidRequest) -> SamplingParams:
     )
 
 
+def _reject_reason(verdict: VerdictRecord | None) -> slo_pb2.RejectReason:
+    if verdict is None or not verdict.reason:
+        return slo_pb2.REJECT_REASON_UNSPECIFIED
+    return slo_pb2.RejectReason.Value(f"REJECT_REASON_{verdict.reason}")  # type: ignore[return-value]
+
+
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, runtime: ReplicaRuntime) -> None:
         self._rt = runtime
@@ -55,6 +63,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """
         full: str = self._rt.tokenizer.decode(token_ids, skip_special_tokens=True)
         return full[len(streamed) :] if full.startswith(streamed) else ""
+
+    async def _reject(
+        self, context: grpc.aio.ServicerContext, class_name: str, reason: str, retry_s: float
+    ) -> None:
+        """Answers RESOURCE_EXHAUSTED for a request the SLO policy turned away."""
+        self._rt.metrics.rejections.labels(class_name, reason).inc()
+        await context.abort_with_status(
+            errors.to_grpc_status(
+                errors.resource_exhausted(
+                    reason,
+                    f"not admitted: the replica cannot meet this SLO now ({reason.lower()})",
+                    # By then the requests ahead of it have had their first tokens.
+                    max(0.1, retry_s),
+                )
+            )
+        )
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -95,42 +119,81 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
         entry = state.start(slo, len(valid.prompt_token_ids))
         outcome_label, attained = "error", None
+        prompt_tokens = len(valid.prompt_token_ids)
+        verdict_wait = rt.verdicts.expect(slo.request_id)
+        outputs = rt.engine.generate(
+            {"prompt_token_ids": valid.prompt_token_ids}, _vllm_sampling(valid), slo.request_id
+        )
+        next_output = asyncio.ensure_future(anext(outputs))
         try:
+            # The Admission message carries the engine's verdict; its first output stands in
+            # for a verdict that was lost (reports.py), so this wait always ends.
+            await asyncio.wait({verdict_wait, next_output}, return_when=asyncio.FIRST_COMPLETED)
+            verdict = verdict_wait.result() if verdict_wait.done() else None
+            if verdict is not None and verdict.event == "rejected":
+                outcome_label = "rejected"
+                await self._reject(context, slo.class_name, verdict.reason, slo.budgets.ttft_s)
+            best_effort = verdict is not None and verdict.event == "best_effort"
             yield inference_pb2.GenerateResponse(
                 admission=inference_pb2.Admission(
                     request_id=slo.request_id,
-                    mode=slo_pb2.ADMISSION_MODE_ADMITTED,
+                    mode=slo_pb2.ADMISSION_MODE_BEST_EFFORT
+                    if best_effort
+                    else slo_pb2.ADMISSION_MODE_ADMITTED,
                     class_name=slo.class_name,
                     budgets=budgets_to_proto(slo.budgets),
-                    prompt_tokens=len(valid.prompt_token_ids),
+                    prompt_tokens=prompt_tokens,
+                    best_effort_reason=_reject_reason(verdict),
                 )
             )
             token_times: list[float] = []
             token_ids: list[int] = []
             streamed_text = ""
             finish_reason: str | None = None
-            outputs = rt.engine.generate(
-                {"prompt_token_ids": valid.prompt_token_ids}, _vllm_sampling(valid), slo.request_id
-            )
-            # aclosing: when the client cancels, closing the engine stream aborts the request
-            # inside the engine at once, freeing its KV cache.
-            async with contextlib.aclosing(outputs):
-                async for output in outputs:
-                    now = time.time()
-                    completion = output.outputs[0]
-                    if completion.token_ids:
-                        if entry.first_token_time is None:
-                            state.first_token(entry, now)
-                        token_times.extend([now] * len(completion.token_ids))
-                        token_ids.extend(completion.token_ids)
-                        streamed_text += completion.text
-                        yield inference_pb2.GenerateResponse(
-                            delta=inference_pb2.TokenDelta(
-                                token_ids=completion.token_ids, text=completion.text
-                            )
+            stop_reason: object = None
+            demoted = False
+            while True:
+                try:
+                    output = await next_output
+                except StopAsyncIteration:
+                    break
+                now = time.time()
+                later = rt.verdicts.take_later(slo.request_id)
+                if later is not None and later.event == "demoted" and not demoted:
+                    demoted = True
+                    yield inference_pb2.GenerateResponse(
+                        demotion=inference_pb2.Demotion(
+                            reason=later.reason, tokens_delivered=len(token_times)
                         )
-                    if output.finished:
-                        finish_reason = completion.finish_reason
+                    )
+                completion = output.outputs[0]
+                if completion.token_ids:
+                    if entry.first_token_time is None:
+                        state.first_token(entry, now)
+                    token_times.extend([now] * len(completion.token_ids))
+                    token_ids.extend(completion.token_ids)
+                    streamed_text += completion.text
+                    yield inference_pb2.GenerateResponse(
+                        delta=inference_pb2.TokenDelta(
+                            token_ids=completion.token_ids, text=completion.text
+                        )
+                    )
+                if output.finished:
+                    finish_reason = completion.finish_reason
+                    stop_reason = completion.stop_reason
+                    break
+                next_output = asyncio.ensure_future(anext(outputs))
+            if isinstance(stop_reason, str) and stop_reason.startswith(REJECTED_PREFIX):
+                outcome_label = "rejected"
+                reason = stop_reason.removeprefix(REJECTED_PREFIX)
+                await self._reject(context, slo.class_name, reason, slo.budgets.ttft_s)
+            if stop_reason == EXPIRED_STOP_REASON:
+                outcome_label = "expired"
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the request can no longer meet its SLO and asked for strict SLOs; "
+                    f"ended after {len(token_times)} tokens",
+                )
             if finish_reason not in _FINISH_REASONS:
                 await context.abort(
                     grpc.StatusCode.ABORTED,
@@ -141,8 +204,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if tail:
                 yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(text=tail))
             outcome = judge(arrival, token_times, slo.budgets)
-            attained = outcome.met
-            outcome_label = "attained" if attained else "missed"
+            in_class = not (best_effort or demoted)
+            attained = outcome.met and in_class
+            outcome_label = (
+                "attained" if attained else ("best_effort" if not in_class else "missed")
+            )
             rt.metrics.ttft.labels(slo.class_name).observe(outcome.ttft_s)
             if len(token_times) > 1:
                 rt.metrics.tpot.labels(slo.class_name).observe(outcome.mean_tpot_s)
@@ -150,10 +216,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 completion=inference_pb2.Completion(
                     finish_reason=_FINISH_REASONS[finish_reason or ""],
                     usage=inference_pb2.Usage(
-                        prompt_tokens=len(valid.prompt_token_ids),
+                        prompt_tokens=prompt_tokens,
                         completion_tokens=len(token_times),
                     ),
-                    slo_outcome=outcome_to_proto(outcome, admitted=True),
+                    slo_outcome=outcome_to_proto(outcome, admitted=in_class),
                     latency=duration(time.time() - arrival),
                 )
             )
@@ -166,5 +232,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             log.exception("request %s failed", slo.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
         finally:
+            # Cancelling a pending read of the engine stream aborts the request in the engine
+            # (vLLM aborts on cancellation), freeing its KV cache at once.
+            if not next_output.done():
+                next_output.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await next_output
+            await outputs.aclose()
+            rt.verdicts.forget(slo.request_id)
             state.finish(entry, attained)
             rt.metrics.requests.labels(slo.class_name, outcome_label).inc()

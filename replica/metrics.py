@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from sloserve.replica.steps import StepRecord
+from sloserve.replica.reports import StepRecord, VerdictRecord
 from sloserve.stepmodel import StepTimeModel
 
 # Latency buckets from 5 ms to 60 s: TPOT lives at the low end, TTFT of long prompts high.
@@ -27,6 +27,20 @@ class ReplicaMetrics:
             "sloserve_rejections",
             "Requests not admitted, by SLO class and reason.",
             ["slo_class", "reason"],
+            registry=self.registry,
+        )
+        self.verdicts = Counter(
+            "sloserve_admission_verdicts",
+            "The SLO scheduler's decisions, by SLO class, event (admitted, best_effort, "
+            "rejected at arrival; demoted, aborted when a deadline can no longer be met) and "
+            "reason (COMPUTE, MEMORY, EXPIRED; empty when admitted).",
+            ["slo_class", "event", "reason"],
+            registry=self.registry,
+        )
+        self.planner_seconds = Histogram(
+            "sloserve_planner_seconds",
+            "Time the SLO scheduler took to plan each engine step.",
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2),
             registry=self.registry,
         )
         self.ttft = Histogram(
@@ -87,6 +101,8 @@ class ReplicaMetrics:
         """Called for every executed step (from the step receiver's thread)."""
         self.step_seconds.observe(record.seconds)
         self.step_tokens.observe(record.shape.tokens)
+        if record.planner_s > 0:
+            self.planner_seconds.observe(record.planner_s)
         if model is None:
             return
         predicted = model.predict(record.shape)
@@ -98,6 +114,9 @@ class ReplicaMetrics:
         # About the last 200 steps: slow enough to ignore one odd step, fast enough to show drift.
         self._mape = sample if self._mape is None else self._mape + 0.005 * (sample - self._mape)
         self.step_model_mape.set(self._mape)
+
+    def observe_verdict(self, record: VerdictRecord) -> None:
+        self.verdicts.labels(record.class_name, record.event, record.reason).inc()
 
     def bind_load(
         self, running: Callable[[], float], waiting: Callable[[], float], kv: Callable[[], float]

@@ -24,7 +24,7 @@ from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
 from sloserve.replica.engine import EngineSettings, LoadListener, build_engine
-from sloserve.replica.steps import StepReceiver, StepRecord
+from sloserve.replica.reports import ReportReceiver, StepRecord
 from sloserve.stepmodel import StepSample, StepTimeModel, fit
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def profile(
     records: list[StepRecord] = []
     with tempfile.TemporaryDirectory(prefix="sloserve-profile-") as tmp:
         socket_path = Path(tmp) / "steps.sock"
-        receiver = StepReceiver(socket_path, records.append)
+        receiver = ReportReceiver(socket_path, records.append)
         engine_settings = EngineSettings(**{**settings.__dict__, "step_socket": socket_path})
         engine = build_engine(engine_settings, LoadListener())
         try:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sloserve.replica.engine import LoadListener
 from sloserve.replica.metrics import ReplicaMetrics
 from sloserve.replica.state import ReplicaState
 from sloserve.replica.validation import ModelLimits
+from sloserve.replica.verdicts import Verdicts
 
 # Services the health service reports on, besides the server as a whole ("").
 SERVICE_NAMES = ("sloserve.v1.Inference", "sloserve.v1.ReplicaControl")
@@ -26,6 +27,8 @@ class ReplicaRuntime:
     tokenizer: Any = None
     # grpc_health's HealthServicer; SERVING only while ready and not draining.
     health: Any = None
+    # The engine's admission verdicts (bound to the event loop when serving starts).
+    verdicts: Verdicts = field(default_factory=Verdicts)
 
     def publish_health(self) -> None:
         from grpc_health.v1 import health_pb2

@@ -1,8 +1,14 @@
 """The scheduler class vLLM loads inside its engine-core process (`scheduler_cls`).
 
-It reads each request's SLO from SamplingParams.extra_args when the request reaches the
-scheduler. Scheduling policy is still vLLM's own for now; the SLO planner builds on the
-per-request SLO table kept here. KV-cache bookkeeping stays with vLLM.
+It adapts vLLM's scheduler to the SLO policy (policy.py) without taking over KV-cache
+bookkeeping. Around each call of vLLM's own `schedule()` it:
+- sets the step's token budget to the planned one;
+- orders the running list as planned (due decodes, then prefill chunks by TTFT deadline, then
+  best effort) and hides for this one step the running requests the plan leaves out;
+- keeps the waiting queue in deadline order (deadline_queue.py).
+vLLM then allocates KV blocks, preempts from the end of the running list (best effort first)
+and builds the batch as usual. Admission runs when a request reaches `add_request`; a rejected
+request is answered by a finished output whose stop_reason says why (REJECTED_PREFIX).
 
 vLLM runs a different base class when async scheduling is on (AsyncScheduler keeps output
 placeholders); a scheduler that subclasses the wrong one corrupts that bookkeeping. So there
@@ -12,6 +18,7 @@ is one class per base, sharing the SLO logic, and `scheduler_class_for` picks th
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -20,17 +27,29 @@ from typing import Any
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+from vllm.v1.request import Request, RequestStatus
 
-from sloserve.replica.steps import StepRecord, StepSender
-from sloserve.slo import RequestSlo
-from sloserve.stepmodel import StepShape
+from sloserve.replica.deadline_queue import DeadlineQueue
+from sloserve.replica.planner import StepPlan, settings_for
+from sloserve.replica.policy import SloPolicy
+from sloserve.replica.reports import ReportSender, StepRecord, VerdictRecord
+from sloserve.replica.slo_request import Mode, Reason, SloRequest
+from sloserve.slo import Budgets, RequestSlo
+from sloserve.stepmodel import StepShape, StepTimeModel
 
 # When set, the scheduler appends one JSON line per SLO event to this file. It lets tests and
 # operators see what the engine core itself received, from outside its process.
 TRACE_ENV = "SLOSERVE_SCHEDULER_TRACE"
 # Key of sloserve's settings in vLLM's `additional_config`, which reaches the engine core.
 CONFIG_KEY = "sloserve"
+# stop_reason of the finished output that answers a request the policy turned away or ended:
+# "sloserve:rejected:COMPUTE", "sloserve:rejected:MEMORY", "sloserve:expired".
+REJECTED_PREFIX = "sloserve:rejected:"
+EXPIRED_STOP_REASON = "sloserve:expired"
+# Requests that carry no SLO (sent to the engine by something other than the replica's
+# Inference service) run as best effort.
+_NO_SLO = Budgets(ttft_s=math.inf, tpot_s=math.inf)
 
 
 class _EventTrace:
@@ -49,33 +68,224 @@ class _EventTrace:
 
 
 class SloPolicyMixin:
-    """SLO state shared by both scheduler bases. Must come first in the MRO."""
+    """SLO scheduling shared by both scheduler bases. Must come first in the MRO."""
 
-    # Set in __init__; declared for type checkers.
-    slo_by_request: dict[str, RequestSlo]
+    # vLLM's Scheduler attributes this class reads and writes; declared for type checkers.
     requests: dict[str, Request]
+    running: list[Request]
+    waiting: Any
+    max_num_scheduled_tokens: int
+    max_num_running_reqs: int
+    block_size: int
+    cache_config: Any
+    # Set in __init__.
+    slo_policy: SloPolicy | None
     _slo_trace: _EventTrace
-    _step_sender: StepSender | None
-    _steps_in_flight: dict[int, tuple[StepShape, int, float]]
+    _reports: ReportSender | None
+    _steps_in_flight: dict[int, tuple[StepShape, int, float, float]]
+    _outbox: list[tuple[int, str, str]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.slo_by_request = {}
         self._slo_trace = _EventTrace(os.environ.get(TRACE_ENV))
         settings = getattr(self, "vllm_config").additional_config.get(CONFIG_KEY, {})  # noqa: B009
         socket_path = settings.get("step_socket")
-        self._step_sender = StepSender(socket_path) if socket_path else None
+        self._reports = ReportSender(socket_path) if socket_path else None
         # Steps handed to the executor and not yet back, by id of their SchedulerOutput: one
         # with sync scheduling, two with async scheduling (the next step is planned while the
         # last one runs).
         self._steps_in_flight = {}
+        # The last step's predicted compute time and start, while steps run back to back: the
+        # gap to the next step's start, less the prediction, is the engine loop's overhead.
+        self._last_step: tuple[float, float] | None = None
+        # Finished outputs to emit for requests that never ran: (client, request id, reason).
+        self._outbox = []
+        self.slo_policy = self._build_policy(settings)
+        self._last_plan_s = 0.0
+        # Fault injection for tests: every step runs this much slower than the profile says,
+        # as on an engine whose profile has gone stale.
+        self._fault_step_delay_s = float(settings.get("fault_step_delay_s", 0.0))
+        if self.slo_policy is not None:
+            self.waiting = DeadlineQueue(self._queue_key)
+
+    def _build_policy(self, settings: dict[str, Any]) -> SloPolicy | None:
+        profile = settings.get("profile")
+        if not profile or settings.get("policy", "slo") != "slo":
+            return None  # vLLM's own policy: an ablation, or no step-time model to plan with
+        model = StepTimeModel.from_json(profile)
+        planner = settings_for(model, self.max_num_scheduled_tokens, self.max_num_running_reqs)
+        kv_tokens = int(self.cache_config.num_gpu_blocks) * self.block_size
+        return SloPolicy(model, planner, kv_tokens)
+
+    # -- arrival ---------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        slo = RequestSlo.from_extra_args(params.extra_args) if params is not None else None
+        if slo is not None:
+            self._slo_trace.write(
+                "added",
+                engine_request_id=request.request_id,
+                request_id=slo.request_id,
+                class_name=slo.class_name,
+                ttft_s=slo.budgets.ttft_s,
+                tpot_s=slo.budgets.tpot_s,
+                thinking_tpot_s=slo.budgets.thinking_tpot_s,
+                allow_best_effort=slo.allow_best_effort,
+                strict=slo.strict,
+                tenant=slo.tenant,
+                scheduler=type(self).__name__,
+            )
+        policy = self.slo_policy
+        new = request.request_id not in self.requests
+        if policy is not None and new and not self._admit(policy, request, slo):
+            return
+        super().add_request(request)  # type: ignore[misc]
+
+    def _admit(self, policy: SloPolicy, request: Request, slo: RequestSlo | None) -> bool:
+        """Runs admission; False when the request is turned away (its answer is queued)."""
+        now = time.time()
+        tracked = SloRequest(
+            request_id=request.request_id,
+            slo=slo or RequestSlo(request.request_id, "", _NO_SLO, True, now),
+            prompt_tokens=request.num_prompt_tokens,
+            max_tokens=int(request.max_tokens),
+        )
+        if slo is None:
+            tracked.demote(Reason.NONE)
+            policy.requests[request.request_id] = tracked
+            return True
+        verdict = policy.arrive(now, tracked)
+        if verdict.rejected:
+            event = "rejected"
+        else:
+            event = "admitted" if verdict.mode is Mode.ADMITTED else "best_effort"
+        self._report_verdict(tracked, event, verdict.reason)
+        if verdict.rejected:
+            reason = REJECTED_PREFIX + verdict.reason.value
+            self._outbox.append((request.client_index, request.request_id, reason))
+            return False
+        return True
+
+    def _report_verdict(self, tracked: SloRequest, event: str, reason: Reason) -> None:
+        reason_name = "" if reason is Reason.NONE else reason.value
+        slo = tracked.slo
+        if self._reports is not None:
+            self._reports.send(VerdictRecord(slo.request_id, event, reason_name, slo.class_name))
+        self._slo_trace.write(
+            event, engine_request_id=tracked.request_id, request_id=slo.request_id,
+            reason=reason_name,
+        )  # fmt: skip
+
+    def _queue_key(self, request: Request) -> tuple[int, float]:
+        assert self.slo_policy is not None
+        tracked = self.slo_policy.requests.get(request.request_id)
+        return SloPolicy.queue_key(tracked) if tracked is not None else (1, request.arrival_time)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def has_requests(self) -> bool:
+        # Keeps the engine stepping until queued answers have gone out.
+        return bool(self._outbox) or bool(super().has_requests())  # type: ignore[misc]
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        output: SchedulerOutput = super().schedule(*args, **kwargs)  # type: ignore[misc]
-        if self._step_sender is not None and output.total_num_scheduled_tokens > 0:
+        policy = self.slo_policy
+        hidden: list[Request] = []
+        saved_budget = self.max_num_scheduled_tokens
+        started = time.perf_counter()
+        if policy is not None and self._last_step is not None:
+            predicted, last_started = self._last_step
+            policy.observe_step(predicted, started - last_started)
+        if policy is not None:
+            plan = self._plan(policy)
+            hidden = self._arrange(plan)
+            if plan.tokens > 0:
+                self.max_num_scheduled_tokens = min(saved_budget, plan.tokens)
+        self._last_plan_s = time.perf_counter() - started
+        if self._fault_step_delay_s and self.running:
+            time.sleep(self._fault_step_delay_s)
+        try:
+            output: SchedulerOutput = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.max_num_scheduled_tokens = saved_budget
+            self.running.extend(hidden)
+        if policy is not None:
+            self._slo_trace.write(
+                "step", tokens=output.total_num_scheduled_tokens,
+                planned=plan.tokens, limit_s=plan.time_limit_s, predicted_s=plan.predicted_s,
+                running=len(self.running), waiting=len(self.waiting), plan_s=self._last_plan_s,
+                overhead_s=policy.limits.overhead_s, safety=policy.limits.safety_factor,
+            )  # fmt: skip
+        self._last_step = None
+        if policy is not None and output.total_num_scheduled_tokens > 0:
+            shape, _ = self._shape_of(output)
+            self._last_step = (policy.model.predict(shape), started)
+        if self._reports is not None and output.total_num_scheduled_tokens > 0:
             shape, prefill = self._shape_of(output)
-            self._steps_in_flight[id(output)] = (shape, prefill, time.perf_counter())
+            self._steps_in_flight[id(output)] = (
+                shape, prefill, time.perf_counter(), self._last_plan_s,
+            )  # fmt: skip
         return output
+
+    def _plan(self, policy: SloPolicy) -> StepPlan:
+        now = time.time()
+        self._apply_expiry(policy, now)
+        decoding: list[SloRequest] = []
+        prefilling: list[SloRequest] = []
+        for request in [*self.running, *self.waiting]:
+            tracked = policy.requests.get(request.request_id)
+            if tracked is None:
+                continue
+            tracked.computed_tokens = request.num_computed_tokens
+            if tracked.decoding:
+                decoding.append(tracked)
+            elif tracked.prefill_left > 0:
+                prefilling.append(tracked)
+        return policy.plan(now, decoding, prefilling)
+
+    def _arrange(self, plan: StepPlan) -> list[Request]:
+        """Orders `self.running` as planned; returns the requests hidden for this step.
+
+        vLLM serves running requests before waiting ones. A running prefill chunk planned
+        after a waiting request would take that request's share, so it sits this step out.
+        """
+        order = {request_id: i for i, request_id in enumerate(plan.scheduled)}
+        running_ids = {r.request_id for r in self.running}
+        first_waiting = min(
+            (i for request_id, i in order.items() if request_id not in running_ids),
+            default=len(order),
+        )
+        prefilling = {request_id for request_id, _ in plan.prefills}
+        keep: list[Request] = []
+        hidden: list[Request] = []
+        for request in self.running:
+            position = order.get(request.request_id)
+            unplanned = position is None
+            inverted = request.request_id in prefilling and (position or 0) > first_waiting
+            if unplanned or inverted:
+                hidden.append(request)
+            else:
+                keep.append(request)
+        keep.sort(key=lambda r: order.get(r.request_id, len(order)))
+        self.running = keep
+        return hidden
+
+    def _apply_expiry(self, policy: SloPolicy, now: float) -> None:
+        for expiry in policy.expire(now):
+            tracked = expiry.request
+            request = self.requests.get(tracked.request_id)
+            if request is None:
+                continue
+            if expiry.abort:
+                self._report_verdict(tracked, "aborted", Reason.EXPIRED)
+                self._outbox.append((request.client_index, request.request_id, EXPIRED_STOP_REASON))
+                self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)  # type: ignore[attr-defined]
+                continue
+            self._report_verdict(tracked, "demoted", Reason.EXPIRED)
+            if request in self.waiting:
+                # Its key changed: best effort now queues behind every admitted request.
+                self.waiting.remove_request(request)
+                self.waiting.add_request(request)
 
     def _shape_of(self, output: SchedulerOutput) -> tuple[StepShape, int]:
         # schedule() has already advanced num_computed_tokens past this step's tokens, so it
@@ -93,38 +303,60 @@ class SloPolicyMixin:
         )
         return shape, prefill
 
+    # -- results ---------------------------------------------------------------------------
+
     def update_from_output(
         self, scheduler_output: SchedulerOutput, *args: Any, **kwargs: Any
-    ) -> Any:
+    ) -> dict[int, EngineCoreOutputs]:
         step = self._steps_in_flight.pop(id(scheduler_output), None)
-        if step is not None and self._step_sender is not None:
-            shape, prefill, started = step
-            self._step_sender.send(StepRecord(shape, prefill, time.perf_counter() - started))
-        return super().update_from_output(scheduler_output, *args, **kwargs)  # type: ignore[misc]
+        if step is not None and self._reports is not None:
+            shape, prefill, started, plan_s = step
+            self._reports.send(StepRecord(shape, prefill, time.perf_counter() - started, plan_s))
+        outputs: dict[int, EngineCoreOutputs] = super().update_from_output(  # type: ignore[misc]
+            scheduler_output, *args, **kwargs
+        )
+        policy = self.slo_policy
+        if policy is not None:
+            now = time.time()
+            for batch in outputs.values():
+                for out in batch.outputs:
+                    tracked = policy.requests.get(out.request_id)
+                    if tracked is not None and out.new_token_ids:
+                        tracked.on_tokens(len(out.new_token_ids), now)
+                        request = self.requests.get(out.request_id)
+                        if request is not None:  # keeps prefill_left right until next step
+                            tracked.computed_tokens = request.num_computed_tokens
+        self._flush_outbox(outputs)
+        if not (self.running or self.waiting):
+            self._last_step = None  # the engine goes idle: the next gap is not overhead
+        return outputs
 
-    def add_request(self, request: Request) -> None:
-        params = request.sampling_params
-        slo = RequestSlo.from_extra_args(params.extra_args) if params is not None else None
-        if slo is not None:
-            self.slo_by_request[request.request_id] = slo
-            self._slo_trace.write(
-                "added",
-                engine_request_id=request.request_id,
-                request_id=slo.request_id,
-                class_name=slo.class_name,
-                ttft_s=slo.budgets.ttft_s,
-                tpot_s=slo.budgets.tpot_s,
-                thinking_tpot_s=slo.budgets.thinking_tpot_s,
-                allow_best_effort=slo.allow_best_effort,
-                tenant=slo.tenant,
-                scheduler=type(self).__name__,
+    def _flush_outbox(self, outputs: dict[int, EngineCoreOutputs]) -> None:
+        for client_index, request_id, reason in self._outbox:
+            batch = outputs.get(client_index)
+            if batch is None:
+                batch = outputs[client_index] = EngineCoreOutputs()
+            batch.outputs.append(
+                EngineCoreOutput(
+                    request_id=request_id,
+                    new_token_ids=[],
+                    finish_reason=FinishReason.ABORT,
+                    stop_reason=reason,
+                )
             )
-        super().add_request(request)  # type: ignore[misc]
+        self._outbox.clear()
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
         # Every finished request passes here (stopped, length, or aborted by the client).
         freed = super()._free_request(request, delay_free_blocks)  # type: ignore[misc]
-        slo = self.slo_by_request.pop(request.request_id, None)
+        if self.slo_policy is not None:
+            completed = request.status in (
+                RequestStatus.FINISHED_STOPPED,
+                RequestStatus.FINISHED_LENGTH_CAPPED,
+            )
+            self.slo_policy.finish(request.request_id, completed)
+        params = request.sampling_params
+        slo = RequestSlo.from_extra_args(params.extra_args) if params is not None else None
         if slo is not None:
             self._slo_trace.write(
                 "freed",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import shutil
 import signal
@@ -27,12 +28,15 @@ from sloserve.replica.control_service import ControlService
 from sloserve.replica.engine import EngineSettings, LoadListener, build_engine
 from sloserve.replica.inference_service import InferenceService
 from sloserve.replica.metrics import ReplicaMetrics
+from sloserve.replica.reports import ReportReceiver
 from sloserve.replica.runtime import SERVICE_NAMES, ReplicaRuntime
 from sloserve.replica.state import ReplicaState
-from sloserve.replica.steps import StepReceiver
 from sloserve.replica.validation import ModelLimits
+from sloserve.replica.verdicts import Verdicts
 from sloserve.slo import SloCatalog
-from sloserve.stepmodel import StepTimeModel
+from sloserve.stepmodel import StepTimeModel, shipped_profile
+
+DEFAULT_PROFILE = "cpu-bench"
 
 log = logging.getLogger("sloserve.replica")
 
@@ -44,7 +48,8 @@ class ReplicaSettings:
     port: int = 50051
     metrics_port: int | None = 9400  # None: no metrics endpoint
     classes_file: Path | None = None  # None: the built-in default classes
-    profile_file: Path | None = None  # step-time profile; None: no model-error metric
+    # Step-time profile to plan with; None: MODEL/step-profile.json, else the shipped one.
+    profile_file: Path | None = None
     max_waiting: int = 256  # requests waiting for their first token before QUEUE_FULL
     default_max_tokens: int = 256
     drain_timeout_s: float = 300.0
@@ -75,9 +80,31 @@ async def _start_engine(
         vocab_size=engine.model_config.get_vocab_size(),
         default_max_tokens=settings.default_max_tokens,
     )
+    # Everything allocated so far (torch, transformers, the engine client) lives for the
+    # process's lifetime. Frozen, it is out of the collector's reach: a full collection over
+    # it pauses every stream for hundreds of milliseconds (vLLM's own server does the same).
+    gc.collect()
+    gc.freeze()
     runtime.state.ready = True
     runtime.publish_health()
     log.info("engine ready: %s", settings.engine.model)
+
+
+def _step_model(settings: ReplicaSettings) -> StepTimeModel:
+    """The profile given, else the one `sloserve profile` wrote beside the model, else the
+    shipped CPU bench profile (planning with another engine's profile is only approximate)."""
+    if settings.profile_file is not None:
+        return StepTimeModel.load(settings.profile_file)
+    beside = settings.engine.model / "step-profile.json"
+    if beside.exists():
+        return StepTimeModel.load(beside)
+    log.warning(
+        "no step-time profile for %s: planning with the shipped %s profile; run "
+        "`sloserve profile` for this model",
+        settings.engine.model,
+        DEFAULT_PROFILE,
+    )
+    return shipped_profile(DEFAULT_PROFILE)
 
 
 async def serve(settings: ReplicaSettings) -> int:
@@ -90,12 +117,18 @@ async def serve(settings: ReplicaSettings) -> int:
         metrics=ReplicaMetrics(),
         listener=LoadListener(),
     )
-    step_model = StepTimeModel.load(settings.profile_file) if settings.profile_file else None
+    runtime.verdicts = Verdicts(runtime.metrics.observe_verdict)
+    runtime.verdicts.bind(asyncio.get_running_loop())
+    step_model = _step_model(settings)
     step_dir = Path(tempfile.mkdtemp(prefix="sloserve-replica-"))
-    steps = StepReceiver(
-        step_dir / "steps.sock", lambda record: runtime.metrics.observe_step(record, step_model)
+    steps = ReportReceiver(
+        step_dir / "steps.sock",
+        lambda record: runtime.metrics.observe_step(record, step_model),
+        runtime.verdicts.deliver_threadsafe,
     )
-    engine_settings = dataclasses.replace(settings.engine, step_socket=steps.path)
+    engine_settings = dataclasses.replace(
+        settings.engine, step_socket=steps.path, profile=step_model.to_json()
+    )
     server = _build_grpc_server(runtime)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()

@@ -166,5 +166,6 @@ def validate(
         arrival_time=arrival_time if arrival_time is not None else time.time(),
         tenant=request.tenant,
         labels=dict(request.labels),
+        strict=request.strict,
     )
     return ValidRequest(prompt_token_ids=ids, sampling=sampling, slo=slo)

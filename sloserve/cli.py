@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -72,7 +73,20 @@ def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--profile",
         type=Path,
-        help="step-time profile (from `sloserve profile`); its live error becomes a metric",
+        help="step-time profile the SLO scheduler plans with (from `sloserve profile`; "
+        "default: MODEL/step-profile.json if present, else the shipped cpu-bench profile)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=("slo", "vllm"),
+        default="slo",
+        help="scheduling policy: sloserve's SLO planner, or vLLM's own (ablation)",
+    )
+    p.add_argument(
+        "--fault-step-delay",
+        type=float,
+        default=0.0,
+        help=argparse.SUPPRESS,  # tests: make every engine step this many seconds slower
     )
     p.add_argument(
         "--max-waiting",
@@ -97,8 +111,11 @@ def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _run_replica(args: argparse.Namespace) -> int:
     from sloserve.replica.server import ReplicaSettings, serve
 
+    engine = dataclasses.replace(
+        _engine_settings(args), policy=args.policy, fault_step_delay_s=args.fault_step_delay
+    )
     settings = ReplicaSettings(
-        engine=_engine_settings(args),
+        engine=engine,
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
@@ -262,6 +279,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench_cli.main(args)
 
 
+def _run_simulate(args: argparse.Namespace) -> int:
+    from sloserve import simulate_cli
+
+    return simulate_cli.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sloserve", description="SLO-aware LLM serving")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
@@ -274,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     from sloserve.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
+    from sloserve import simulate_cli
+
+    simulate_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -285,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _run_generate,
         "health": _run_health,
         "bench": _run_bench,
+        "simulate": _run_simulate,
     }
     try:
         return runners[args.command](args)

@@ -42,6 +42,7 @@ def build_request(
     request_id: str = "",
     tenant: str = "",
     labels: Mapping[str, str] | None = None,
+    strict: bool = False,
 ) -> inference_pb2.GenerateRequest:
     """A GenerateRequest: an SLO class name, or explicit budgets (ttft_s and tpot_s)."""
     if slo_class is not None and (ttft_s is not None or tpot_s is not None):
@@ -51,6 +52,7 @@ def build_request(
         allow_best_effort=allow_best_effort,
         tenant=tenant,
         labels=dict(labels or {}),
+        strict=strict,
     )
     if isinstance(prompt, str):
         request.prompt.text = prompt
@@ -86,7 +88,9 @@ class GenerationResult:
     """A finished generation, with latencies measured on the client's clock."""
 
     request_id: str = ""
-    best_effort: bool = False
+    best_effort: bool = False  # admitted as best effort, or demoted to it mid-stream
+    best_effort_reason: str = ""  # COMPUTE or MEMORY at admission; EXPIRED when demoted
+    demoted_after_tokens: int | None = None  # set when the server demoted it mid-stream
     class_name: str = ""
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -113,12 +117,20 @@ class GenerationResult:
             a = response.admission
             self.request_id = a.request_id
             self.best_effort = a.mode == slo_pb2.ADMISSION_MODE_BEST_EFFORT
+            if self.best_effort:
+                self.best_effort_reason = slo_pb2.RejectReason.Name(
+                    a.best_effort_reason
+                ).removeprefix("REJECT_REASON_")
             self.class_name = a.class_name
             self.prompt_tokens = a.prompt_tokens
         elif event == "delta":
             self.token_ids.extend(response.delta.token_ids)
             self.token_times.extend([now] * len(response.delta.token_ids))
             self.text += response.delta.text
+        elif event == "demotion":
+            self.best_effort = True
+            self.best_effort_reason = response.demotion.reason
+            self.demoted_after_tokens = response.demotion.tokens_delivered
         elif event == "completion":
             c = response.completion
             self.finish_reason = (

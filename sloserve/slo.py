@@ -144,6 +144,8 @@ class RequestSlo:
     arrival_time: float  # time.time() at arrival on the replica
     tenant: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    # End the request when it can no longer meet its SLO, instead of demoting it.
+    strict: bool = False
 
     def to_extra_args(self) -> dict[str, Any]:
         return {EXTRA_ARGS_KEY: asdict(self) | {"labels": dict(self.labels)}}
@@ -162,6 +164,7 @@ class RequestSlo:
             arrival_time=float(data["arrival_time"]),
             tenant=str(data.get("tenant", "")),
             labels=dict(data.get("labels", {})),
+            strict=bool(data.get("strict", False)),
         )
 
 

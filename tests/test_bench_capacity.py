@@ -104,6 +104,16 @@ def test_doubling_grows_until_a_failure() -> None:
     assert result.converged
 
 
+def test_growth_factor_sets_the_steps_up() -> None:
+    result = find_capacity(step_system(3.0), low=1.0, growth=1.5)
+    check_invariants(result, 3.0)
+    assert [t.rate for t in result.trials[:4]] == [1.0, 1.5, 2.25, 3.375]
+    assert not result.trials[3].passed
+    assert result.converged
+    with pytest.raises(ValueError, match="growth"):
+        find_capacity(step_system(3.0), low=1.0, growth=1.0)
+
+
 def test_given_high_is_tried_instead_of_doubling() -> None:
     result = find_capacity(step_system(7.3), low=1.0, high=10.0)
     check_invariants(result, 7.3)

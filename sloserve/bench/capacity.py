@@ -124,13 +124,13 @@ def _describe(number: int, total: int, trial: Trial) -> str:
 _Bracket = tuple[float | None, float | None]
 
 
-def _grow(trials: _Trials, passing: float) -> _Bracket:
-    """Doubles from a passing rate until one fails (or the trials run out)."""
-    rate = passing * 2
+def _grow(trials: _Trials, passing: float, factor: float) -> _Bracket:
+    """Multiplies a passing rate by `factor` until one fails (or the trials run out)."""
+    rate = passing * factor
     while trials.left:
         if not trials.passes(rate):
             return passing, rate
-        passing, rate = rate, rate * 2
+        passing, rate = rate, rate * factor
     return passing, None
 
 
@@ -144,11 +144,13 @@ def _shrink(trials: _Trials, failing: float, min_rate: float) -> _Bracket:
     return None, failing
 
 
-def _bracket(trials: _Trials, low: float, high: float | None, min_rate: float) -> _Bracket:
+def _bracket(
+    trials: _Trials, low: float, high: float | None, min_rate: float, growth: float
+) -> _Bracket:
     if not trials.passes(low):
         return _shrink(trials, low, min_rate)
     if high is None:
-        return _grow(trials, low)
+        return _grow(trials, low, growth)
     if not trials.left:
         return low, None
     return (low, high) if not trials.passes(high) else (high, None)
@@ -186,11 +188,13 @@ def find_capacity(
     max_trials: int = 20,
     progress: Callable[[str], None] | None = None,
     min_rate: float | None = None,
+    growth: float = 2.0,
 ) -> CapacityResult:
     """Highest arrival rate whose run meets `threshold` in every class and drains (§3).
 
-    Brackets the capacity first: from `low`, doubling until a rate fails when `high` is None,
-    else trying `high`; if `low` itself fails, halving until a rate passes or falls below
+    Brackets the capacity first: from `low`, multiplying by `growth` until a rate fails when
+    `high` is None (a smaller factor costs more steps up but fewer bisections after), else
+    trying `high`; if `low` itself fails, halving until a rate passes or falls below
     `min_rate` (default: `low` / 64), where it gives up with capacity 0. Then bisects until
     (hi - lo) / lo <= `resolution`. The reported capacity is always a rate that passed.
     `max_trials` caps the runs; `status` says whether the search got where it meant to.
@@ -201,9 +205,11 @@ def find_capacity(
         raise ValueError(f"high ({high}) must be above low ({low})")
     if resolution <= 0 or max_trials < 1:
         raise ValueError("resolution must be positive and max_trials at least 1")
+    if growth <= 1:
+        raise ValueError(f"growth must be above 1, got {growth}")
     floor = low / 2**DEFAULT_HALVINGS if min_rate is None else min_rate
     trials = _Trials(run_at, threshold, max_trials, progress)
-    lo, hi = _bracket(trials, low, high, floor)
+    lo, hi = _bracket(trials, low, high, floor, growth)
     if lo is not None and hi is not None:
         lo, hi = _bisect(trials, lo, hi, resolution)
     return CapacityResult(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,16 @@ class Mode:
     requests: int  # per load point
     resolution: float
     max_trials: int
-    start_rate: float
+    # The search starts at this fraction of the fluid bound (unless --start-rate is given) and
+    # steps up by `growth`: low rates are the slowest trials (40 requests at 1 req/s take 40 s),
+    # and measured capacities sit at 10-50% of the bound, so starting there saves most of them.
+    start_fraction: float
+    growth: float
 
 
 WARMUP_REQUESTS = 10
-QUICK = Mode("quick", requests=40, resolution=0.10, max_trials=7, start_rate=1.0)
-FULL = Mode("full", requests=1000, resolution=0.025, max_trials=20, start_rate=1.0)
+QUICK = Mode("quick", requests=40, resolution=0.10, max_trials=7, start_fraction=0.25, growth=1.5)
+FULL = Mode("full", requests=1000, resolution=0.025, max_trials=20, start_fraction=0.25, growth=1.5)
 
 
 def _progress(message: str) -> None:
@@ -90,6 +95,11 @@ def _run_once(
                 flush=True,
             )
 
+    # The client's long-lived objects (imports, the workload) stay out of the collector's way:
+    # a full collection mid-run would delay every stream's timestamps at once.
+    gc.collect()
+    gc.freeze()
+
     async def go() -> list[RequestRecord]:
         target = make_target(target_spec, use_priority=use_priority)
         try:
@@ -116,8 +126,20 @@ def _fluid(model: StepTimeModel, workload: Workload) -> float:
     return fluid_bound(model, prompt, output, tightest, max_batch, prompt + output / 2)
 
 
+def _start_rate(args: argparse.Namespace, mode: Mode, fluid: float) -> float:
+    if args.start_rate:
+        return float(args.start_rate)
+    # Two significant figures: the rates tried stay readable and are the same on every system.
+    return float(f"{max(fluid * mode.start_fraction, 0.01):.2g}")
+
+
 def _search(
-    args: argparse.Namespace, mode: Mode, model: StepTimeModel, target_spec: str, use_priority: bool
+    args: argparse.Namespace,
+    mode: Mode,
+    model: StepTimeModel,
+    target_spec: str,
+    use_priority: bool,
+    start_rate: float,
 ) -> tuple[CapacityResult, dict[float, list[RequestRecord]]]:
     records_by_rate: dict[float, list[RequestRecord]] = {}
 
@@ -131,14 +153,15 @@ def _search(
     # A fresh server's first requests are slow (allocator, caches, lazy imports); without a
     # warm-up the first load point of every search would fail for that reason alone.
     _progress(f"warm-up: {WARMUP_REQUESTS} requests, not recorded")
-    warmup = _workload(args, model, args.start_rate or mode.start_rate, WARMUP_REQUESTS)
+    warmup = _workload(args, model, start_rate, WARMUP_REQUESTS)
     _run_once(target_spec, warmup, args.vocab, use_priority, prompt_seed=-1 - args.seed)
     result = find_capacity(
         run_at,
-        low=args.start_rate or mode.start_rate,
+        low=start_rate,
         resolution=mode.resolution,
         max_trials=mode.max_trials,
         progress=_progress,
+        growth=mode.growth,
     )
     return result, records_by_rate
 
@@ -155,6 +178,7 @@ def _describe_run(
     return {
         "scenario": args.scenario,
         "mode": mode.name,
+        "search_settings": asdict(mode),
         "requests_per_load_point": mode.requests,
         "mode_note": (
             "quick mode: fewer requests than the methodology's 1,000 per load point, one seed"
@@ -190,11 +214,10 @@ def run_command(args: argparse.Namespace) -> int:
             ]
         )
     else:
-        result, by_rate = _search(args, mode, model, args.target, use_priority)
-        payload |= {
-            "capacity": result.to_json(),
-            "fluid_bound": _fluid(model, reference),
-        }
+        fluid = _fluid(model, reference)
+        start = _start_rate(args, mode, fluid)
+        result, by_rate = _search(args, mode, model, args.target, use_priority, start)
+        payload |= {"capacity": result.to_json(), "fluid_bound": fluid}
         rows = report.rows_from_capacity(args.target, result)
         table = report.markdown_table(rows)
         report.plot_attainment(
@@ -223,13 +246,14 @@ def compare_command(args: argparse.Namespace) -> int:
     )
     reference = _workload(args, model, 1.0, mode.requests)
     fluid = _fluid(model, reference)
+    start = _start_rate(args, mode, fluid)
     results: dict[str, CapacityResult] = {}
     last_records: dict[str, list[RequestRecord]] = {}
     for name in systems:
         spec = SYSTEMS[name]
         _progress(f"== {name}: {spec.description}")
         with running(spec, shape, args.out / f"{name}.log") as target_spec:
-            result, by_rate = _search(args, mode, model, target_spec, spec.use_priority)
+            result, by_rate = _search(args, mode, model, target_spec, spec.use_priority, start)
         results[name] = result
         if by_rate:
             last_records[name] = by_rate[max(by_rate)]
@@ -301,6 +325,23 @@ def _summary(
         },
         "capacity_ratios": ratios,
         "best_tuned_vllm": best_tuned,
+        "headline": _headline(capacity, best_tuned),
+    }
+
+
+def _headline(capacity: dict[str, float], best_tuned: str | None) -> dict[str, float | None]:
+    """sloserve's capacity against stock vLLM's defaults and its best tuned variant."""
+    if "sloserve" not in capacity:
+        return {}
+
+    def ratio(other: str | None) -> float | None:
+        if other is None or other not in capacity or capacity[other] <= 0:
+            return None
+        return capacity["sloserve"] / capacity[other]
+
+    return {
+        "sloserve_vs_vllm_default": ratio(BASELINE),
+        "sloserve_vs_best_tuned_vllm": ratio(best_tuned),
     }
 
 
@@ -323,7 +364,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument(
             "--vocab", type=int, help="prompt token ids are drawn below this (default: model's)"
         )
-        p.add_argument("--start-rate", type=float, help="first rate of the capacity search")
+        p.add_argument(
+            "--start-rate",
+            type=float,
+            help="first rate of the capacity search (default: a quarter of the fluid bound)",
+        )
 
     run_p = verbs.add_parser("run", help="run one target at a rate, or search its capacity")
     common(run_p)

@@ -55,7 +55,13 @@ SYSTEMS: dict[str, SystemSpec] = {
             use_priority=True,
             description="stock vLLM, priority policy (tighter TPOT first)",
         ),
-        SystemSpec("sloserve", "sloserve", description="sloserve replica"),
+        SystemSpec("sloserve", "sloserve", description="sloserve replica, SLO scheduler"),
+        SystemSpec(
+            "sloserve-vllm-policy",
+            "sloserve",
+            ("--policy", "vllm"),
+            description="ablation: sloserve replica scheduling as vLLM does",
+        ),
     )
 }
 BASELINE = "vllm-default"

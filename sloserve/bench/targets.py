@@ -58,6 +58,8 @@ class SloserveTarget:
                     )
                 elif event == "delta":
                     record.token_times.extend([now] * len(response.delta.token_ids))
+                elif event == "demotion":
+                    record.best_effort = True  # it can no longer meet its SLO: a miss
                 elif event == "completion":
                     record.completed = True
         except RejectedError as rejected:

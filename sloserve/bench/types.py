@@ -35,5 +35,5 @@ class RequestRecord:
     completed: bool = False  # ended with a full response
     rejected: bool = False  # turned away (RESOURCE_EXHAUSTED / HTTP 429)
     reject_reason: str = ""
-    best_effort: bool = False  # served, but as best effort
+    best_effort: bool = False  # served, but as best effort (from admission or demoted later)
     error: str = ""  # any other failure

@@ -51,7 +51,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "sampling", "slo", "allow_best_effort", "tenant", "labels")
+    __slots__ = ("request_id", "prompt", "sampling", "slo", "allow_best_effort", "tenant", "labels", "strict")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class GenerateRequest(_message.Message):
     ALLOW_BEST_EFFORT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Prompt
     sampling: SamplingParams
@@ -73,21 +74,32 @@ class GenerateRequest(_message.Message):
     allow_best_effort: bool
     tenant: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_slo_pb2.SloSpec, _Mapping]] = ..., allow_best_effort: _Optional[bool] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    strict: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_slo_pb2.SloSpec, _Mapping]] = ..., allow_best_effort: _Optional[bool] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class Admission(_message.Message):
-    __slots__ = ("request_id", "mode", "class_name", "budgets", "prompt_tokens")
+    __slots__ = ("request_id", "mode", "class_name", "budgets", "prompt_tokens", "best_effort_reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BEST_EFFORT_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     mode: _slo_pb2.AdmissionMode
     class_name: str
     budgets: _slo_pb2.SloBudgets
     prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[_Union[_slo_pb2.AdmissionMode, str]] = ..., class_name: _Optional[str] = ..., budgets: _Optional[_Union[_slo_pb2.SloBudgets, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    best_effort_reason: _slo_pb2.RejectReason
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[_Union[_slo_pb2.AdmissionMode, str]] = ..., class_name: _Optional[str] = ..., budgets: _Optional[_Union[_slo_pb2.SloBudgets, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., best_effort_reason: _Optional[_Union[_slo_pb2.RejectReason, str]] = ...) -> None: ...
+
+class Demotion(_message.Message):
+    __slots__ = ("reason", "tokens_delivered")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    tokens_delivered: int
+    def __init__(self, reason: _Optional[str] = ..., tokens_delivered: _Optional[int] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("token_ids", "text")
@@ -118,11 +130,13 @@ class Completion(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., slo_outcome: _Optional[_Union[_slo_pb2.SloOutcome, _Mapping]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("admission", "delta", "completion")
+    __slots__ = ("admission", "delta", "completion", "demotion")
     ADMISSION_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    DEMOTION_FIELD_NUMBER: _ClassVar[int]
     admission: Admission
     delta: TokenDelta
     completion: Completion
-    def __init__(self, admission: _Optional[_Union[Admission, _Mapping]] = ..., delta: _Optional[_Union[TokenDelta, _Mapping]] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ...) -> None: ...
+    demotion: Demotion
+    def __init__(self, admission: _Optional[_Union[Admission, _Mapping]] = ..., delta: _Optional[_Union[TokenDelta, _Mapping]] = ..., completion: _Optional[_Union[Completion, _Mapping]] = ..., demotion: _Optional[_Union[Demotion, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,191 @@
+"""Where each engine step's tokens are planned: how many, and for which requests.
+
+One step serves every request whose next decode token is due, and fills the rest of the step
+with prefill chunks in order of TTFT deadline, then best-effort work. How many tokens the step
+takes comes from the step-time model: the step must end before the earliest due decode token
+(its deadline minus a safety margin), so a step is long when decodes are ahead of schedule and
+short when they are not. With no admitted decode waiting on it, a step runs at full size
+(work-conserving).
+
+Pure policy over SloRequest views: KV-cache bookkeeping stays with vLLM, and the simulator
+runs this same code against a virtual engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sloserve.replica.slo_request import SloRequest
+from sloserve.stepmodel import StepShape, StepTimeModel
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    max_step_tokens: int  # the engine's max_num_batched_tokens
+    max_running: int  # the engine's max_num_seqs
+    # A step's predicted time is multiplied by this before it is held against a deadline, at
+    # first: the step-time model's residual quantile (SAFETY_QUANTILE of the profile's).
+    safety_factor: float = 1.1
+    # From a step's end to the token reaching the client: output processing, detokenizing and
+    # the RPC. Subtracted from every deadline.
+    delivery_s: float = 0.003
+    # A decode ahead of schedule by more than this many of its own TPOTs (beyond the step
+    # being planned) sits the step out when prefill work is waiting, leaving room for it.
+    skip_ahead_tpots: float = 2.0
+
+
+# Which of the profile's residual quantiles the safety factor covers: a step may overrun its
+# prediction by this much and still land before the deadline it was planned against.
+SAFETY_QUANTILE = "p95"
+
+
+def settings_for(model: StepTimeModel, max_step_tokens: int, max_running: int) -> PlannerSettings:
+    """The planner settings of an engine with these limits, planning with `model`."""
+    return PlannerSettings(
+        max_step_tokens=max_step_tokens,
+        max_running=max_running,
+        safety_factor=model.safety_factor(SAFETY_QUANTILE),
+    )
+
+
+@dataclass
+class LiveLimits:
+    """What the policy learns while it serves, shared by the planner and admission."""
+
+    # Longest a step may last: a request arriving while a step runs waits for it to end, so
+    # steps stay well inside the TTFT budgets the policy sees (SloPolicy learns it).
+    max_step_s: float = math.inf
+    # Time each engine step takes beyond the model's prediction: the engine loop's own work
+    # (scheduling, output processing, IPC) plus any bias of the model, measured live.
+    overhead_s: float = 0.0
+    # What a step's predicted time is multiplied by: the settings' value until the live
+    # residuals of enough steps are known (SloPolicy.observe_step).
+    safety_factor: float = 1.1
+
+
+@dataclass
+class StepPlan:
+    """What one step computes. Lists are in the order the engine should serve them."""
+
+    decodes: list[str] = field(default_factory=list)  # one token each
+    prefills: list[tuple[str, int]] = field(default_factory=list)  # (request, tokens)
+    skipped: list[str] = field(default_factory=list)  # decodes that sit this step out
+    time_limit_s: float = math.inf  # when the step must end, from now; inf: no deadline due
+    predicted_s: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.decodes) + sum(tokens for _, tokens in self.prefills)
+
+    @property
+    def scheduled(self) -> list[str]:
+        return self.decodes + [request_id for request_id, _ in self.prefills]
+
+
+class StepPlanner:
+    def __init__(
+        self, model: StepTimeModel, settings: PlannerSettings, limits: LiveLimits | None = None
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.limits = limits or LiveLimits(safety_factor=settings.safety_factor)
+
+    def slack_s(self, request: SloRequest, now: float) -> float:
+        """Time left until the request's next token is due at the client (as planned for)."""
+        return request.planning_deadline() - now - self.settings.delivery_s
+
+    def plan(
+        self, now: float, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]
+    ) -> StepPlan:
+        """Plans one step starting at `now`.
+
+        `decoding`: requests whose next step is a decode token; `prefilling`: requests with
+        prompt tokens left (waiting or part-way through a chunked prefill).
+        """
+        s = self.settings
+        plan = StepPlan()
+        admitted = [r for r in decoding if r.admitted]
+        slack = {r.request_id: self.slack_s(r, now) for r in admitted}
+        limit = min(slack.values(), default=math.inf)
+        plan.time_limit_s = limit
+
+        prefill_admitted = sorted(
+            (r for r in prefilling if r.admitted), key=lambda r: r.ttft_deadline
+        )
+        prefill_best_effort = sorted(
+            (r for r in prefilling if not r.admitted), key=lambda r: r.arrival
+        )
+        # Decodes far ahead of schedule leave room for prefill, when there is prefill to do.
+        for request in sorted(admitted, key=lambda r: slack[r.request_id]):
+            room = slack[request.request_id] - max(limit, 0.0) * self.limits.safety_factor
+            if prefill_admitted and room > s.skip_ahead_tpots * request.next_tpot_s:
+                plan.skipped.append(request.request_id)
+            else:
+                plan.decodes.append(request.request_id)
+        best_effort_decodes = [r for r in decoding if not r.admitted]
+
+        seats = s.max_running - len(plan.decodes)
+        context = sum(r.context_tokens for r in admitted if r.request_id in plan.decodes)
+        first_prefill = prefill_admitted[0] if prefill_admitted else None
+        requests = len(plan.decodes) + (1 if first_prefill else 0)
+        context += first_prefill.context_tokens if first_prefill else 0
+        budget = self._token_budget(limit, requests, context)
+        used = len(plan.decodes)
+        for request in prefill_admitted:
+            left = budget - used
+            if left <= 0 or seats <= 0:
+                break
+            need = request.prefill_left
+            if need <= left:
+                # The chunk completes the prefill, so the step also carries the request's
+                # first token: the step must end before that token is due. (When even that
+                # cannot be done, the request is late whatever happens; finishing it now is
+                # still its earliest.)
+                tighter = min(limit, self.slack_s(request, now))
+                tighter_budget = self._token_budget(tighter, requests, context)
+                if used + need <= tighter_budget:
+                    limit, budget = tighter, tighter_budget
+            tokens = min(need, left)
+            plan.prefills.append((request.request_id, tokens))
+            used += tokens
+            seats -= 1
+        plan.time_limit_s = limit
+        left = budget - used
+        # Best effort runs in what the SLO work leaves of the step.
+        for request in best_effort_decodes:
+            if left <= 0 or seats <= 0:
+                plan.skipped.append(request.request_id)
+                continue
+            plan.decodes.append(request.request_id)
+            left -= 1
+            seats -= 1
+        for request in prefill_best_effort:
+            if left <= 0 or seats <= 0:
+                break
+            tokens = min(request.prefill_left, left)
+            plan.prefills.append((request.request_id, tokens))
+            left -= tokens
+            seats -= 1
+        plan.predicted_s = self.predict(plan, decoding, prefilling)
+        return plan
+
+    def _token_budget(self, limit_s: float, requests: int, context: int) -> int:
+        """Most tokens a step may take and still end within `limit_s` (with the margin and
+        the loop overhead), and within the step cap."""
+        cap = self.settings.max_step_tokens
+        limit_s = min(limit_s, self.limits.max_step_s)
+        if math.isinf(limit_s):
+            return cap
+        compute_s = (limit_s - self.limits.overhead_s) / self.limits.safety_factor
+        return self.model.tokens_within(compute_s, requests, context, cap=cap)
+
+    def predict(
+        self, plan: StepPlan, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]
+    ) -> float:
+        by_id = {r.request_id: r for r in (*decoding, *prefilling)}
+        context = sum(by_id[i].context_tokens + 1 for i in plan.decodes)
+        context += sum(by_id[i].context_tokens + n for i, n in plan.prefills)
+        shape = StepShape(tokens=plan.tokens, requests=len(plan.scheduled), context_tokens=context)
+        return self.model.predict(shape) + self.limits.overhead_s if plan.tokens else 0.0

@@ -1,0 +1,167 @@
+"""The SLO policy of one engine: the request table, admission, expiry and step planning.
+
+Both the vLLM scheduler (scheduler.py) and the simulator (sloserve/simulator.py) drive this one
+object, so what the simulator predicts is what the engine does. It knows nothing of vLLM: the
+caller reports arrivals, progress and departures, and applies the plans.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sloserve.replica.admission import AdmissionController, OutputLengths, Verdict
+from sloserve.replica.planner import LiveLimits, PlannerSettings, StepPlan, StepPlanner
+from sloserve.replica.slo_request import Mode, Reason, SloRequest
+from sloserve.slo import TOLERANCE
+from sloserve.stepmodel import StepTimeModel
+
+# Steps last at most this fraction of the tightest TTFT budget among the last RECENT_ARRIVALS
+# requests (see SloPolicy._learn_step_cap).
+STEP_CAP_FRACTION = 0.5
+RECENT_ARRIVALS = 200
+# The loop overhead is a moving average over about the last 50 busy steps; one sample counts
+# for at most 50 ms (a stray pause should not stall planning).
+OVERHEAD_SMOOTHING = 0.02
+OVERHEAD_SAMPLE_CAP_S = 0.05
+# Once LIVE_RESIDUAL_WINDOW busy steps have been seen, the safety factor is the
+# LIVE_RESIDUAL_QUANTILE of their actual / predicted time (at least MIN_SAFETY_FACTOR).
+LIVE_RESIDUAL_WINDOW = 500
+LIVE_RESIDUAL_QUANTILE = 0.98
+MIN_SAFETY_FACTOR = 1.05
+
+
+@dataclass
+class PolicyCounters:
+    """What the policy decided, for metrics: keyed by (class, reason)."""
+
+    admitted: dict[str, int] = field(default_factory=dict)
+    best_effort: dict[tuple[str, str], int] = field(default_factory=dict)
+    rejected: dict[tuple[str, str], int] = field(default_factory=dict)
+    expired: dict[tuple[str, str], int] = field(default_factory=dict)  # (class, action)
+
+    def count(self, table: dict[tuple[str, str], int], key: tuple[str, str]) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+@dataclass(frozen=True)
+class Expiry:
+    request: SloRequest
+    abort: bool  # True: the client asked for strict SLOs, so the request ends; else demoted
+
+
+class SloPolicy:
+    def __init__(
+        self, model: StepTimeModel, settings: PlannerSettings, kv_capacity_tokens: int
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.limits = LiveLimits(safety_factor=settings.safety_factor)
+        self._ratios: deque[float] = deque(maxlen=LIVE_RESIDUAL_WINDOW)
+        self.planner = StepPlanner(model, settings, self.limits)
+        self.lengths = OutputLengths()
+        self.admission = AdmissionController(
+            model, settings, kv_capacity_tokens, self.lengths, self.limits
+        )
+        self.requests: dict[str, SloRequest] = {}
+        self.counters = PolicyCounters()
+        self.last_plan_s = 0.0  # how long the last plan took to make
+        self._recent_ttft_s: deque[float] = deque(maxlen=RECENT_ARRIVALS)
+        self._steps_seen = 0
+
+    # -- arrivals and departures -----------------------------------------------------------
+
+    def arrive(self, now: float, request: SloRequest) -> Verdict:
+        """Decides the request's admission; a request that is not rejected is tracked."""
+        self._learn_step_cap(request.budgets.ttft_s)
+        verdict = self.admission.decide(now, request, list(self.requests.values()))
+        name = request.slo.class_name
+        if verdict.rejected:
+            self.counters.count(self.counters.rejected, (name, verdict.reason.value))
+            return verdict
+        if verdict.mode is Mode.BEST_EFFORT:
+            request.demote(verdict.reason)
+            self.counters.count(self.counters.best_effort, (name, verdict.reason.value))
+        else:
+            self.counters.admitted[name] = self.counters.admitted.get(name, 0) + 1
+        self.requests[request.request_id] = request
+        return verdict
+
+    def _learn_step_cap(self, ttft_s: float) -> None:
+        """Caps steps at a fraction of the tightest TTFT budget among recent arrivals.
+
+        A request that arrives while a step runs waits for that step to end before any of
+        its prompt is computed; long steps would spend the TTFT budgets of the requests that
+        have not arrived yet.
+        """
+        if not math.isfinite(ttft_s):
+            return
+        self._recent_ttft_s.append(ttft_s)
+        self.limits.max_step_s = min(self._recent_ttft_s) * STEP_CAP_FRACTION
+
+    def observe_step(self, predicted_s: float, actual_s: float) -> None:
+        """Learns the engine loop's time per step beyond the model's prediction, from steps
+        that ran back to back (`actual_s`: from one step's start to the next one's)."""
+        limits = self.limits
+        if predicted_s > 0:
+            # How far off the full prediction (with the overhead learned so far) was: the
+            # safety factor covers LIVE_RESIDUAL_QUANTILE of these, once there are enough.
+            self._ratios.append(actual_s / (predicted_s + limits.overhead_s))
+            if len(self._ratios) == LIVE_RESIDUAL_WINDOW and self._steps_seen % 50 == 0:
+                ordered = sorted(self._ratios)
+                quantile = ordered[int(LIVE_RESIDUAL_QUANTILE * (len(ordered) - 1))]
+                limits.safety_factor = max(MIN_SAFETY_FACTOR, quantile)
+        self._steps_seen += 1
+        sample = min(max(actual_s - predicted_s, -0.5 * predicted_s), OVERHEAD_SAMPLE_CAP_S)
+        limits.overhead_s += OVERHEAD_SMOOTHING * (sample - limits.overhead_s)
+
+    def finish(self, request_id: str, completed: bool) -> SloRequest | None:
+        """Forgets a request; a completed one teaches its class's output length."""
+        request = self.requests.pop(request_id, None)
+        if request is not None and completed:
+            self.lengths.observe(request.slo.class_name, request.output_tokens)
+        return request
+
+    # -- expiry ----------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Expiry]:
+        """Admitted requests that can no longer meet their SLO, even served next on an idle
+        engine: demoted to best effort (or to be aborted, for strict clients)."""
+        expired: list[Expiry] = []
+        idle_step = self.model.idle_decode_s() + self.limits.overhead_s
+        for request in self.requests.values():
+            if not request.admitted:
+                continue
+            earliest = now + idle_step
+            if request.prefill_left:  # waiting, or recomputing after a preemption
+                prefill = self.model.prefill_s(request.prefill_left, self.settings.max_step_tokens)
+                earliest = now + max(idle_step, prefill)
+            if earliest + self.settings.delivery_s <= request.next_deadline(TOLERANCE):
+                continue
+            strict = request.slo.strict
+            expired.append(Expiry(request, abort=strict))
+            action = "aborted" if strict else "demoted"
+            self.counters.count(self.counters.expired, (request.slo.class_name, action))
+            request.demote(Reason.EXPIRED)
+        return expired
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(
+        self, now: float, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]
+    ) -> StepPlan:
+        started = time.perf_counter()
+        plan = self.planner.plan(now, decoding, prefilling)
+        self.last_plan_s = time.perf_counter() - started
+        return plan
+
+    @staticmethod
+    def queue_key(request: SloRequest) -> tuple[int, float]:
+        """Order of the waiting queue: admitted requests by their next deadline (EDF), then
+        best effort by arrival."""
+        if request.admitted:
+            return (0, request.next_deadline())
+        return (1, request.arrival)

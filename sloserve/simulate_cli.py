@@ -1,0 +1,304 @@
+"""`sloserve simulate`: the benchmark's workloads and capacity search, on the virtual engine.
+
+The same scenarios, analysis and capacity search as `sloserve bench`, so a simulated capacity
+reads like a measured one; only the engine is the step-time model. Simulation is cheap, so a
+load point defaults to the methodology's full 1,000 requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sloserve.bench import report
+from sloserve.bench.analysis import RunStats, analyze
+from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
+from sloserve.bench.cli import CPU_LENGTH_SCALE, FULL
+from sloserve.bench.presets import LengthScale
+from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
+from sloserve.simulator import SimStats, simulate
+from sloserve.simulator_policies import FCFS_BUDGETS, POLICIES, EngineLimits
+from sloserve.stepmodel import StepTimeModel, shipped_profile
+
+DEFAULT_PROFILE = "cpu-bench"
+DEFAULT_REQUESTS = 1000
+# KV capacity when neither --kv-tokens nor the profile says: the bench model (6 layers x 384
+# hidden, bf16: 2 x 6 x 384 x 2 = 9,216 bytes per token) in the 1 GiB cache that `bench
+# compare` gives every system; roomy enough for the GPU profiles' workloads too.
+DEFAULT_KV_TOKENS = (1 << 30) // 9216
+
+
+def _progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _profile(args: argparse.Namespace) -> tuple[StepTimeModel, str]:
+    if args.profile is not None:
+        return StepTimeModel.load(args.profile), str(args.profile)
+    name = args.profile_name or DEFAULT_PROFILE
+    return shipped_profile(name), name
+
+
+def _length_scale(args: argparse.Namespace, model: StepTimeModel) -> LengthScale:
+    """The bench's CPU scaling for a CPU profile (its capacities are what `bench` measures),
+    full lengths for a GPU one; --length-scale overrides both."""
+    if args.length_scale is not None:
+        max_len = model.metadata.get("engine", {}).get("max_model_len")
+        factor = float(args.length_scale)
+        return LengthScale(factor, factor, max_model_len=int(max_len) if max_len else None)
+    if "cpu" in str(model.metadata.get("hardware", "")).lower():
+        return CPU_LENGTH_SCALE
+    return LengthScale()
+
+
+@dataclass
+class _Run:
+    """The settings every load point shares, and the workloads built so far (each rate's
+    workload is built once and served to every policy, so they see the same requests)."""
+
+    args: argparse.Namespace
+    model: StepTimeModel
+    limits: EngineLimits
+    scale: LengthScale
+    workloads: dict[tuple[float, int], Workload] = field(default_factory=dict)
+    simulated: int = 0  # requests simulated, for the speed report
+    wall_s: float = 0.0
+
+    def workload(self, rate: float, count: int) -> Workload:
+        key = (rate, count)
+        if key not in self.workloads:
+            self.workloads[key] = build_scenario(
+                self.args.scenario,
+                model=self.model,
+                rate=rate,
+                count=count,
+                seed=self.args.seed,
+                scale=self.scale,
+                trace_dir=self.args.trace_dir,
+                chunk_tokens=self.limits.max_step_tokens,
+            )
+        return self.workloads[key]
+
+    def run(self, policy: str, rate: float, count: int) -> tuple[RunStats, SimStats]:
+        result = simulate(
+            self.workload(rate, count).requests,
+            self.model,
+            self.limits,
+            policy,
+            noise_seed=self.args.seed if self.args.noise else None,
+            step_overhead_s=self.args.step_overhead_ms / 1000,
+        )
+        self.simulated += len(result.records)
+        self.wall_s += result.stats.wall_s
+        return analyze(result.records), result.stats
+
+    def fluid(self) -> float:
+        """The §6 bound for the scenario, as `bench` computes it."""
+        requests = self.workload(1.0, self.args.requests).requests
+        prompt = sum(r.prompt_tokens for r in requests) / len(requests)
+        output = sum(r.output_tokens for r in requests) / len(requests)
+        tightest = min(min(r.budgets.tpot_s, r.budgets.thinking_tpot_s or 1e9) for r in requests)
+        return fluid_bound(
+            self.model, prompt, output, tightest, self.limits.max_running, prompt + output / 2
+        )
+
+
+def _describe(run: _Run, policies: list[str], profile_name: str) -> dict[str, Any]:
+    args = run.args
+    reference = run.workload(1.0, args.requests)
+    return {
+        "scenario": args.scenario,
+        "simulated": True,
+        "policies": policies,
+        "requests_per_load_point": args.requests,
+        "seed": args.seed,
+        "noise": args.noise,
+        "step_overhead_s": args.step_overhead_ms / 1000,
+        "engine_limits": {
+            "max_step_tokens": run.limits.max_step_tokens,
+            "max_running": run.limits.max_running,
+            "kv_capacity_tokens": run.limits.kv_capacity_tokens,
+        },
+        "length_scale": run.scale.describe(),
+        "workload": reference.describe(),
+        "profile_name": profile_name,
+        "profile": run.model.to_json(),
+        "command": " ".join(["sloserve", *sys.argv[1:]]),
+    }
+
+
+def _speed_table(rows: list[tuple[str, list[SimStats]]]) -> str:
+    header = "| policy | load points | requests | steps | wall (s) | requests / wall s | "
+    header += "preempted (admitted / best effort) |\n|" + " --- |" * 7 + "\n"
+    lines = []
+    for name, stats in rows:
+        requests = sum(s.requests for s in stats)
+        wall = sum(s.wall_s for s in stats)
+        admitted = sum(s.preemptions["admitted"] for s in stats)
+        best_effort = sum(s.preemptions["best_effort"] for s in stats)
+        speed = f"{requests / wall:.0f}" if wall > 0 else report.MISSING
+        lines.append(
+            f"| {name} | {len(stats)} | {requests} | {sum(s.steps for s in stats)} | "
+            f"{wall:.2f} | {speed} | {admitted} / {best_effort} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def _at_rate(run: _Run, policies: list[str]) -> tuple[dict[str, Any], str]:
+    rate, count = float(run.args.rate), run.args.requests
+    per_policy: dict[str, Any] = {}
+    rows, speed = [], []
+    for name in policies:
+        stats, sim = run.run(name, rate, count)
+        per_policy[name] = {"stats": stats.to_json(), "simulator": sim.to_json()}
+        rows.append(
+            report.AttainmentRow(name, rate, stats.attainment, stats.drain.drained, stats.meets())
+        )
+        speed.append((name, [sim]))
+    markdown = (
+        f"### {run.args.scenario} at {rate:g} req/s (simulated)\n\n"
+        + report.markdown_table(rows)
+        + "\n"
+        + _speed_table(speed)
+    )
+    return {"rate": rate, "policies": per_policy}, markdown
+
+
+def _sweep(run: _Run, policies: list[str]) -> tuple[dict[str, Any], str]:
+    fluid = run.fluid()
+    start = float(f"{max(fluid * FULL.start_fraction, 0.01):.2g}")
+    results: dict[str, CapacityResult] = {}
+    sims: dict[str, list[SimStats]] = {}
+    for name in policies:
+        _progress(f"== {name}")
+        sims[name] = []
+
+        def run_at(rate: float, name: str = name) -> RunStats:
+            stats, sim = run.run(name, rate, run.args.requests)
+            sims[name].append(sim)
+            return stats
+
+        results[name] = find_capacity(
+            run_at,
+            low=start,
+            resolution=FULL.resolution,
+            max_trials=FULL.max_trials,
+            progress=_progress,
+            growth=FULL.growth,
+        )
+        _progress(f"== {name}: capacity {results[name].capacity:.3f} req/s")
+    capacity = {name: results[name].capacity for name in policies}
+    ratios = {
+        f"sloserve/{base}": capacity["sloserve"] / capacity[base] if capacity[base] > 0 else None
+        for base in policies
+        if base != "sloserve" and "sloserve" in policies
+    }
+    payload = {
+        "fluid_bound_rps": fluid,
+        "start_rate_rps": start,
+        "capacity_ratios": ratios,
+        "policies": {
+            name: {
+                "capacity_rps": results[name].capacity,
+                "capacity_99_rps": results[name].capacity_99,
+                "capacity_fraction_of_fluid_bound": capacity[name] / fluid if fluid else None,
+                "search": results[name].to_json(),
+                "simulator_by_trial": [s.to_json() for s in sims[name]],
+            }
+            for name in policies
+        },
+    }
+    baselines = [name for name in policies if name in FCFS_BUDGETS]
+    capacity_rows = [report.CapacityRow.from_result(n, results[n]) for n in policies]
+    trial_rows = [row for n in policies for row in report.rows_from_capacity(n, results[n])]
+    markdown = (
+        f"### {run.args.scenario} (simulated, {run.args.requests} requests per load point)\n\n"
+        + report.capacity_table(capacity_rows, fluid_bound=fluid, baselines=baselines)
+        + "\n"
+        + report.markdown_table(trial_rows)
+        + "\n"
+        + _speed_table([(name, sims[name]) for name in policies])
+    )
+    return payload, markdown
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "simulate", help="run scheduling policies on a virtual engine (step-time model)"
+    )
+    p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    p.add_argument("--out", type=Path, required=True, help="results directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--profile", type=Path, help="step profile file")
+    which.add_argument("--profile-name", help=f"a shipped profile (default: {DEFAULT_PROFILE})")
+    p.add_argument(
+        "--policy", default="all", choices=[*POLICIES, "all"], help="policy to run (default: all)"
+    )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rate", type=float, help="requests per second (default: --sweep)")
+    how.add_argument("--sweep", action="store_true", help="search each policy's capacity")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=DEFAULT_REQUESTS,
+        help=f"requests per load point (default: {DEFAULT_REQUESTS})",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--length-scale",
+        type=float,
+        help="prompt and output length factor (default: 1/8 on a CPU profile, else 1)",
+    )
+    p.add_argument(
+        "--trace-dir", type=Path, help="folder of the Azure LLM traces (chatbot, coding)"
+    )
+    p.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=DEFAULT_KV_TOKENS,
+        help=f"KV cache capacity in tokens (default: {DEFAULT_KV_TOKENS})",
+    )
+    p.add_argument(
+        "--noise", action="store_true", help="scatter step times as the profile's residuals"
+    )
+    p.add_argument(
+        "--step-overhead-ms",
+        type=float,
+        default=0.0,
+        help="fixed time added to every step (default: 0)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.requests < 1 or args.kv_tokens < 1:
+        raise SystemExit("--requests and --kv-tokens must be positive")
+    model, profile_name = _profile(args)
+    limits = EngineLimits.from_profile(model, args.kv_tokens)
+    run = _Run(args, model, limits, _length_scale(args, model))
+    policies = list(POLICIES) if args.policy == "all" else [args.policy]
+    started = time.perf_counter()
+    payload = _describe(run, policies, profile_name)
+    if args.rate is not None:
+        results, markdown = _at_rate(run, policies)
+    else:
+        results, markdown = _sweep(run, policies)
+    elapsed = time.perf_counter() - started
+    payload |= results | {
+        "simulated_requests": run.simulated,
+        "simulation_wall_s": run.wall_s,
+        "total_wall_s": elapsed,
+    }
+    markdown += (
+        f"\n{run.simulated} requests simulated in {run.wall_s:.1f} s "
+        f"({run.simulated / max(run.wall_s, 1e-9):.0f} requests per wall second; "
+        f"{elapsed:.1f} s in all)\n"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.write_results(args.out / "summary.json", payload)
+    (args.out / "summary.md").write_text(markdown)
+    print(markdown)
+    return 0

@@ -1,0 +1,403 @@
+"""A virtual engine: the scheduling policy run step by step against the step-time model.
+
+A capacity search on the real engine takes an hour per system; here the same SloPolicy object
+the vLLM scheduler drives plans every step, and the step-time model says how long the step
+takes, on a virtual clock. A policy change can then be judged on 1,000-request load points in
+seconds, against a stand-in for stock vLLM's scheduler under the same model (simulator_policies.py).
+
+What the virtual engine models: chunked prefill, one token per decode, the first token out of
+the step that completes a prefill, the KV cache as a token count (preemption by recomputation
+when it overflows), engine limits. What it leaves out: output processing and the RPC (an
+optional fixed per-step overhead stands in), prefix caching, block granularity. Its records are
+the benchmark's RequestRecord on the virtual clock, so sloserve.bench.analysis judges them as
+it judges a real run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sloserve.bench.types import BenchRequest, RequestRecord
+from sloserve.replica.planner import StepPlan
+from sloserve.replica.policy import PolicyCounters
+from sloserve.replica.slo_request import Mode, SloRequest
+from sloserve.simulator_policies import EngineLimits, Policy, make_policy
+from sloserve.slo import RequestSlo
+from sloserve.stepmodel import StepShape, StepTimeModel
+
+
+class SimulationError(RuntimeError):
+    """The policy asked for something the engine cannot do, or stalled with work left."""
+
+
+# -- step-time noise ---------------------------------------------------------------------------
+
+
+class StepNoise:
+    """Factors that make step times scatter as the profile's held-out steps did.
+
+    Draws a relative residual by inverting the quantiles the profile kept (p50, p90, ...),
+    linear between them. The profile keeps no lower tail, so below the median it mirrors the
+    p50-p90 spread; above the top quantile it extends the last segment. Without quantiles
+    (derived profiles), every factor is 1.
+    """
+
+    FLOOR = 0.05  # no step is faster than this fraction of its prediction
+
+    def __init__(self, residual_quantiles: Mapping[str, float], seed: int) -> None:
+        self._rng = random.Random(seed)
+        points = sorted((float(k[1:]) / 100, v) for k, v in residual_quantiles.items())
+        self._u: list[float] = []
+        self._r: list[float] = []
+        median = dict(points).get(0.5)
+        upper = [(u, r) for u, r in points if u > 0.5]
+        if median is None or not upper:
+            return
+        u_hi, r_hi = upper[0]
+        slope = (r_hi - median) / (u_hi - 0.5)
+        knots = [(0.0, median - 0.5 * slope), (0.5, median), *upper]
+        (u1, r1), (u2, r2) = knots[-2], knots[-1]
+        knots.append((1.0, r2 + (r2 - r1) / (u2 - u1) * (1.0 - u2)))
+        self._u = [u for u, _ in knots]
+        self._r = [r for _, r in knots]
+
+    def factor(self) -> float:
+        if not self._u:
+            return 1.0
+        u = self._rng.random()
+        i = min(max(1, bisect.bisect_right(self._u, u)), len(self._u) - 1)
+        u0, u1, r0, r1 = self._u[i - 1], self._u[i], self._r[i - 1], self._r[i]
+        return max(self.FLOOR, 1.0 + r0 + (r1 - r0) * (u - u0) / (u1 - u0))
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    array = np.asarray(values)
+    p50, p99 = (float(v) for v in np.percentile(array, [50, 99]))
+    return {"mean": float(array.mean()), "p50": p50, "p99": p99}
+
+
+def _counter_json(counters: PolicyCounters) -> dict[str, dict[str, int]]:
+    """Tuple keys flattened to "class/reason": JSON keys are strings."""
+    flat = {"admitted": dict(sorted(counters.admitted.items()))}
+    for name in ("best_effort", "rejected", "expired"):
+        table: dict[tuple[str, str], int] = getattr(counters, name)
+        flat[name] = {f"{k[0]}/{k[1]}": v for k, v in sorted(table.items())}
+    return flat
+
+
+@dataclass
+class SimStats:
+    """How the simulated engine ran: what the records alone do not show."""
+
+    policy: str
+    requests: int
+    steps: int = 0
+    virtual_s: float = 0.0  # the virtual clock at the end
+    busy_s: float = 0.0  # sum of step times
+    wall_s: float = 0.0  # real seconds the simulation took
+    step_s: list[float] = field(default_factory=list, repr=False)
+    plan_s: list[float] = field(default_factory=list, repr=False)
+    preemptions: dict[str, int] = field(default_factory=lambda: {"best_effort": 0, "admitted": 0})
+    recomputed_tokens: int = 0  # KV tokens thrown away by preemptions
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "requests": self.requests,
+            "steps": self.steps,
+            "virtual_s": self.virtual_s,
+            "busy_s": self.busy_s,
+            "wall_s": self.wall_s,
+            "requests_per_wall_s": self.requests / self.wall_s if self.wall_s > 0 else None,
+            "step_s": _quantiles(self.step_s),
+            "plan_wall_s": _quantiles(self.plan_s),
+            "preemptions": dict(self.preemptions),
+            "recomputed_tokens": self.recomputed_tokens,
+            "policy_counters": self.counters,
+        }
+
+
+@dataclass(frozen=True)
+class SimResult:
+    records: list[RequestRecord]  # in workload order, as the benchmark runner returns them
+    stats: SimStats
+
+
+# -- the engine --------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Live:
+    bench: BenchRequest
+    record: RequestRecord
+    view: SloRequest
+
+
+class VirtualEngine:
+    """One run of a workload through a policy; build one per run (the policy keeps state)."""
+
+    def __init__(
+        self,
+        model: StepTimeModel,
+        limits: EngineLimits,
+        policy: Policy,
+        name: str = "",
+        noise: StepNoise | None = None,
+        step_overhead_s: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.limits = limits
+        self.policy = policy
+        self.noise = noise
+        self.step_overhead_s = step_overhead_s
+        self.now = 0.0
+        self.stats = SimStats(policy=name or type(policy).__name__, requests=0)
+        self._records: dict[int, RequestRecord] = {}
+        self._followers: dict[int, list[BenchRequest]] = {}
+        self._arrivals: list[tuple[float, int, BenchRequest]] = []
+        # In-engine requests, by the kind of work they need next (each is in exactly one).
+        self._decoding: dict[str, _Live] = {}
+        self._prefilling: dict[str, _Live] = {}
+        self._held = 0  # KV tokens held: the sum of computed_tokens in the engine
+
+    @property
+    def held_tokens(self) -> int:
+        """KV tokens the engine's requests hold between steps."""
+        return self._held
+
+    def run(self, requests: Sequence[BenchRequest]) -> SimResult:
+        started = time.perf_counter()
+        self.stats.requests = len(requests)
+        for request in requests:
+            if request.after is None:
+                heapq.heappush(self._arrivals, (request.arrival_s, request.index, request))
+            else:
+                self._followers.setdefault(request.after, []).append(request)
+        while self._arrivals or self._decoding or self._prefilling:
+            while self._arrivals and self._arrivals[0][0] <= self.now:
+                at, _, request = heapq.heappop(self._arrivals)
+                self._arrive(request, at)
+            if not (self._decoding or self._prefilling):
+                if self._arrivals:
+                    self.now = max(self.now, self._arrivals[0][0])
+                continue
+            self._expire()
+            if self._decoding or self._prefilling:
+                self._step()
+        self.stats.virtual_s = self.now
+        self.stats.counters = _counter_json(self.policy.counters)
+        self.stats.wall_s = time.perf_counter() - started
+        missing = [r.index for r in requests if r.index not in self._records]
+        if missing:
+            raise SimulationError(f"requests {missing[:5]} never arrived: `after` out of order")
+        return SimResult([self._records[r.index] for r in requests], self.stats)
+
+    # -- arrivals and departures ---------------------------------------------------------------
+
+    def _arrive(self, request: BenchRequest, at: float) -> None:
+        record = RequestRecord(request=request, sent_at=at)
+        self._records[request.index] = record
+        need = request.prompt_tokens + request.output_tokens
+        if need > self.limits.kv_capacity_tokens:
+            # vLLM refuses a request longer than its cache can ever hold; so does this engine.
+            cap = self.limits.kv_capacity_tokens
+            self._end(request, record, error=f"needs {need} KV tokens; the cache holds {cap}")
+            return
+        rid = str(request.index)
+        slo = RequestSlo(
+            request_id=rid,
+            class_name=request.slo_class,
+            budgets=request.budgets,
+            allow_best_effort=request.allow_best_effort,
+            arrival_time=at,
+        )
+        view = SloRequest(rid, slo, request.prompt_tokens, max_tokens=request.output_tokens)
+        verdict = self.policy.arrive(self.now, view)
+        if verdict.rejected:
+            record.rejected = True
+            record.reject_reason = verdict.reason.name
+            self._end(request, record)
+            return
+        record.best_effort = verdict.mode is Mode.BEST_EFFORT
+        self._prefilling[rid] = _Live(request, record, view)
+
+    def _end(self, request: BenchRequest, record: RequestRecord, error: str = "") -> None:
+        """Closes a record and releases (or fails) the session rounds waiting on it."""
+        record.finished_at = self.now
+        record.error = error
+        record.completed = not error and not record.rejected
+        for follower in self._followers.pop(request.index, []):
+            if record.completed:
+                at = self.now + follower.delay_s
+                heapq.heappush(self._arrivals, (at, follower.index, follower))
+            else:
+                failed = RequestRecord(follower, sent_at=self.now)
+                self._records[follower.index] = failed
+                self._end(follower, failed, f"session stopped: round {request.round} failed")
+
+    def _remove(self, live: _Live, completed: bool) -> None:
+        rid = live.view.request_id
+        self._decoding.pop(rid, None)
+        self._prefilling.pop(rid, None)
+        self._held -= live.view.computed_tokens
+        self.policy.finish(rid, completed=completed)
+
+    def _expire(self) -> None:
+        for expiry in self.policy.expire(self.now):
+            rid = expiry.request.request_id
+            live = self._decoding.get(rid) or self._prefilling.get(rid)
+            if live is None:
+                raise SimulationError(f"policy expired {rid}, which is not in the engine")
+            if expiry.abort:
+                self._remove(live, completed=False)
+                self._end(live.bench, live.record, "expired: can no longer meet its SLO")
+            else:
+                live.record.best_effort = True
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        decoding = [live.view for live in self._decoding.values()]
+        prefilling = [live.view for live in self._prefilling.values()]
+        plan = self.policy.plan(self.now, decoding, prefilling)
+        self.stats.plan_s.append(self.policy.last_plan_s)
+        if plan.tokens <= 0:
+            raise SimulationError(
+                f"{self.stats.policy}: the plan at t={self.now:.6f} s schedules nothing, with "
+                f"{len(decoding)} decoding and {len(prefilling)} prefilling requests waiting; "
+                "the run would never end"
+            )
+        work = self._fit_kv(self._work_of(plan))
+        context = sum(live.view.computed_tokens + n for live, n in work)
+        shape = StepShape(
+            tokens=sum(n for _, n in work), requests=len(work), context_tokens=context
+        )
+        seconds = self.model.predict(shape)
+        if self.noise is not None:
+            seconds *= self.noise.factor()
+        seconds = max(0.0, seconds) + self.step_overhead_s
+        self.now += seconds
+        self.stats.steps += 1
+        self.stats.busy_s += seconds
+        self.stats.step_s.append(seconds)
+        for live, tokens in work:
+            self._advance(live, tokens)
+
+    def _work_of(self, plan: StepPlan) -> list[tuple[_Live, int]]:
+        """The plan as (request, tokens), checked: a bad plan fails loudly, not silently."""
+        work: list[tuple[_Live, int]] = []
+        for rid in plan.decodes:
+            live = self._decoding.get(rid)
+            if live is None:
+                raise SimulationError(f"plan decodes {rid}, which is not decoding")
+            work.append((live, 1))
+        for rid, tokens in plan.prefills:
+            live = self._prefilling.get(rid)
+            if live is None or not 0 < tokens <= live.view.prefill_left:
+                raise SimulationError(
+                    f"plan prefills {tokens} tokens of {rid}, which cannot take them"
+                )
+            work.append((live, tokens))
+        if len({id(live) for live, _ in work}) != len(work):
+            raise SimulationError(f"plan schedules a request twice: {plan.scheduled}")
+        return work
+
+    def _fit_kv(self, work: list[tuple[_Live, int]]) -> list[tuple[_Live, int]]:
+        """Keeps the step within the KV cache, as vLLM does when it runs out of blocks.
+
+        Best effort gives way before admitted work, and the latest arrival first; a request
+        that holds no KV yet is only held back, one that does is preempted (its KV freed, to
+        be recomputed). The last scheduled request stays, its chunk cut to what fits.
+        """
+        capacity = self.limits.kv_capacity_tokens
+        need = self._held + sum(n for _, n in work)
+        if need <= capacity:
+            return work
+        scheduled = {id(live): n for live, n in work}
+        holders = [
+            live
+            for live in (*self._decoding.values(), *self._prefilling.values())
+            if live.view.computed_tokens or id(live) in scheduled
+        ]
+        holders.sort(key=lambda x: (x.view.admitted, x.view.computed_tokens > 0, -x.view.arrival))
+        for live in holders:
+            if need <= capacity:
+                break
+            if id(live) in scheduled:
+                if len(scheduled) == 1:
+                    continue
+                need -= scheduled.pop(id(live))
+            if live.view.computed_tokens:
+                need -= live.view.computed_tokens
+                self._preempt(live)
+        work = [(live, n) for live, n in work if id(live) in scheduled]
+        if need > capacity:
+            ((live, n),) = work
+            if live.view.decoding or n - (need - capacity) <= 0:
+                raise SimulationError(f"request {live.view.request_id} cannot fit the KV cache")
+            work = [(live, n - (need - capacity))]
+        return work
+
+    def _preempt(self, live: _Live) -> None:
+        view = live.view
+        self.stats.preemptions["admitted" if view.admitted else "best_effort"] += 1
+        self.stats.recomputed_tokens += view.computed_tokens
+        self._held -= view.computed_tokens
+        view.computed_tokens = 0
+        if self._decoding.pop(view.request_id, None) is not None:
+            self._prefilling[view.request_id] = live
+
+    def _advance(self, live: _Live, tokens: int) -> None:
+        """Applies one request's share of the step that just ended at `self.now`.
+
+        A preempted request that finishes recomputing puts out no token in that step: its
+        last output is the next decode's input (SloRequest.prefill_left), one step later
+        than vLLM, which samples in the recompute step itself.
+        """
+        view = live.view
+        was_decoding = view.decoding
+        view.computed_tokens += tokens
+        self._held += tokens
+        if was_decoding or (view.output_tokens == 0 and view.prefill_left == 0):
+            view.on_tokens(1, self.now)
+            live.record.token_times.append(self.now)
+        if not was_decoding and view.decoding:
+            del self._prefilling[view.request_id]
+            self._decoding[view.request_id] = live
+        if view.output_tokens >= live.bench.output_tokens:
+            self._remove(live, completed=True)
+            self._end(live.bench, live.record)
+
+
+def simulate(
+    requests: Sequence[BenchRequest],
+    model: StepTimeModel,
+    limits: EngineLimits,
+    policy: str = "sloserve",
+    *,
+    noise_seed: int | None = None,
+    step_overhead_s: float = 0.0,
+) -> SimResult:
+    """Runs `requests` through a fresh `policy` on a virtual engine.
+
+    `noise_seed`: scatter step times as the profile's residuals (None: exact predictions).
+    """
+    noise = None if noise_seed is None else StepNoise(model.residual_quantiles, noise_seed)
+    engine = VirtualEngine(
+        model, limits, make_policy(policy, model, limits), policy, noise, step_overhead_s
+    )
+    return engine.run(requests)

@@ -1,0 +1,267 @@
+"""The SLO policy on its own (no engine): deadlines, step planning, admission, expiry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sloserve.replica.admission import AdmissionController, OutputLengths
+from sloserve.replica.planner import PlannerSettings, StepPlanner
+from sloserve.replica.policy import SloPolicy
+from sloserve.replica.slo_request import Mode, Reason, SloRequest
+from sloserve.slo import Budgets, RequestSlo, judge
+from sloserve.stepmodel import StepShape, StepTimeModel
+
+# One piece: 5 ms per step + 0.1 ms per token (no request or context cost), so the arithmetic
+# below can be checked by hand.
+MODEL = StepTimeModel(pieces=[(0.005, 0.0001, 0.0, 0.0)])
+SETTINGS = PlannerSettings(max_step_tokens=2048, max_running=64, safety_factor=1.0, delivery_s=0.0)
+TIGHT = Budgets(ttft_s=0.2, tpot_s=0.010)
+LOOSE = Budgets(ttft_s=1.0, tpot_s=0.040)
+
+
+def make(
+    request_id: str,
+    budgets: Budgets,
+    arrival: float = 0.0,
+    prompt: int = 100,
+    max_tokens: int = 50,
+    best_effort_ok: bool = False,
+    strict: bool = False,
+    class_name: str = "",
+) -> SloRequest:
+    name = class_name or ("tight" if budgets is TIGHT else "loose")
+    slo = RequestSlo(request_id, name, budgets, best_effort_ok, arrival, strict=strict)
+    return SloRequest(request_id, slo, prompt_tokens=prompt, max_tokens=max_tokens)
+
+
+def decoding(request: SloRequest, first_token_at: float, tokens: int = 1) -> SloRequest:
+    request.computed_tokens = request.prompt_tokens + tokens - 1
+    request.on_tokens(1, first_token_at)
+    for _ in range(tokens - 1):
+        request.on_tokens(1, first_token_at)
+    return request
+
+
+# -- deadlines -----------------------------------------------------------------------------
+
+
+def test_next_deadline_follows_the_judge() -> None:
+    """A stream whose every token lands exactly on next_deadline() is judged on time, and
+    one a hair later is not."""
+    budgets = Budgets(ttft_s=0.5, tpot_s=0.05, thinking_tpot_s=0.02, thinking_tokens=3)
+    request = make("r", budgets, arrival=10.0)
+    times: list[float] = []
+    for k in range(8):
+        due = request.next_deadline()
+        # the first token comes early, which gives decode no slack (the clock starts at a+F)
+        t = due - 0.3 if k == 0 else due
+        times.append(t)
+        request.on_tokens(1, t)
+    assert judge(10.0, times, budgets).met
+    late = [*times[:-1], times[-1] + 0.06 * budgets.tpot_s * 7]
+    assert not judge(10.0, late, budgets).met
+
+
+def test_prefill_left_counts_recomputation_after_preemption() -> None:
+    request = decoding(make("r", TIGHT, prompt=100), first_token_at=0.1, tokens=5)
+    assert request.decoding and request.prefill_left == 0
+    request.computed_tokens = 0  # preempted: its KV is gone
+    assert request.prefill_left == 104 and not request.decoding
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+def test_no_deadline_due_runs_full_steps() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    waiting = [make(f"w{i}", LOOSE, prompt=1500) for i in range(3)]
+    plan = planner.plan(0.0, [], waiting)
+    assert plan.tokens == SETTINGS.max_step_tokens
+    # w0 completes in this step: the step is bound by its first token's deadline, far away
+    assert plan.time_limit_s == pytest.approx(1.0) and plan.predicted_s < 1.0
+    planner.limits.max_step_s = math.inf
+    assert math.isinf(planner.plan(0.0, [], [make("w", LOOSE, prompt=5000)]).time_limit_s)
+
+
+def test_a_completing_prefill_shortens_the_step_to_its_ttft() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    long = make("long", Budgets(ttft_s=0.5, tpot_s=0.04), prompt=1800)
+    short = make("short", Budgets(ttft_s=0.05, tpot_s=0.04), prompt=100)
+    plan = planner.plan(0.0, [], [long, short])
+    # short (due in 50 ms) goes first and completes, so the step ends within 50 ms: 450 tokens
+    assert plan.prefills == [("short", 100), ("long", 350)]
+    assert plan.predicted_s <= 0.05 + 1e-9
+
+
+def test_the_policy_caps_steps_at_half_the_tightest_recent_ttft() -> None:
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=1_000_000)
+    policy.arrive(0.0, make("a", Budgets(ttft_s=2.0, tpot_s=0.05), prompt=4000))
+    assert policy.limits.max_step_s == pytest.approx(1.0)
+    policy.arrive(0.0, make("b", Budgets(ttft_s=0.06, tpot_s=0.05), prompt=10))
+    assert policy.limits.max_step_s == pytest.approx(0.03)
+    plan = policy.plan(0.0, [], [policy.requests["a"]])
+    assert plan.predicted_s <= 0.03 + 1e-9 and plan.tokens in (249, 250)  # floor of 249.99
+
+
+def test_step_ends_before_the_earliest_due_decode() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    now = 0.98
+    busy = decoding(make("d", TIGHT, arrival=0.79), first_token_at=0.97)  # due at 0.99 + 0.01
+    # planned for: the judge's line (0.99 + 1.05 * 10 ms) less one TPOT of reserve
+    assert busy.planning_deadline() == pytest.approx(0.9905)
+    slack = busy.planning_deadline() - now
+    waiting = [make("w", LOOSE, arrival=0.9, prompt=2000)]
+    plan = planner.plan(now, [busy], waiting)
+    assert plan.decodes == ["d"]
+    assert plan.predicted_s <= slack + 1e-9
+    # and it is as long as the slack allows: one more token would overrun
+    one_more = MODEL.predict(StepShape(tokens=plan.tokens + 1, requests=2, context_tokens=0))
+    assert one_more > slack
+
+
+def test_prefills_go_earliest_deadline_first() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    late = make("late", LOOSE, arrival=0.0, prompt=3000)
+    soon = make("soon", TIGHT, arrival=0.5, prompt=300)  # arrived later, due earlier
+    plan = planner.plan(0.6, [], [late, soon])
+    assert [request_id for request_id, _ in plan.prefills] == ["soon", "late"]
+    assert plan.prefills[0][1] == 300
+
+
+def test_decodes_far_ahead_sit_out_while_prefill_waits() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    due = decoding(make("due", TIGHT, arrival=0.0), first_token_at=0.2)  # next at 0.21
+    ahead = decoding(make("ahead", LOOSE, arrival=0.0), first_token_at=0.1)  # next at 1.04
+    plan = planner.plan(0.2, [due, ahead], [make("w", TIGHT, arrival=0.19)])
+    assert plan.decodes == ["due"] and plan.skipped == ["ahead"]
+    # with no prefill waiting, nobody sits out
+    assert planner.plan(0.2, [due, ahead], []).decodes == ["due", "ahead"]
+
+
+def test_best_effort_gets_only_what_slo_work_leaves() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    slo = make("slo", TIGHT, arrival=0.0, prompt=5000)
+    best = make("be", LOOSE, arrival=0.0, prompt=500)
+    best.demote(Reason.COMPUTE)
+    plan = planner.plan(0.0, [], [best, slo])
+    assert plan.prefills == [("slo", SETTINGS.max_step_tokens)]
+
+
+# -- admission -----------------------------------------------------------------------------
+
+
+def controller(kv_tokens: int = 1_000_000) -> AdmissionController:
+    return AdmissionController(MODEL, SETTINGS, kv_tokens)
+
+
+def test_admits_when_idle_and_rejects_an_impossible_ttft() -> None:
+    admission = controller()
+    assert admission.decide(0.0, make("ok", TIGHT), []).mode is Mode.ADMITTED
+    # 2,000 tokens take at least 5 ms + 200 ms of compute: more than a 100 ms TTFT
+    hopeless = make("no", Budgets(ttft_s=0.1, tpot_s=0.01), prompt=2000)
+    verdict = admission.decide(0.0, hopeless, [])
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE
+
+
+def test_best_effort_instead_of_rejection_when_allowed() -> None:
+    hopeless = make("no", Budgets(ttft_s=0.1, tpot_s=0.01), prompt=2000, best_effort_ok=True)
+    verdict = controller().decide(0.0, hopeless, [])
+    assert verdict.mode is Mode.BEST_EFFORT and verdict.reason is Reason.COMPUTE
+
+
+def test_a_newcomer_may_not_make_an_admitted_request_late() -> None:
+    admission = controller()
+    # Admitted: a 1,500-token prompt due in 200 ms: about 155 ms of compute alone.
+    first = make("first", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1500)
+    assert admission.decide(0.0, first, []).mode is Mode.ADMITTED
+    # A newcomer due sooner goes first in EDF order and would push `first` past its deadline.
+    pushy = make("pushy", Budgets(ttft_s=0.15, tpot_s=0.05), prompt=600)
+    verdict = admission.decide(0.0, pushy, [first])
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE
+    # The same newcomer with a later deadline than `first` fits behind it.
+    patient = make("patient", Budgets(ttft_s=0.5, tpot_s=0.05), prompt=600)
+    assert admission.decide(0.0, patient, [first]).mode is Mode.ADMITTED
+
+
+def test_admission_counts_on_decode_slack_for_long_steps() -> None:
+    admission = controller()
+    # A decode 300 ms ahead of schedule lets the planner run full steps for a while: a
+    # 2,000-token prompt due in 250 ms fits (about 210 ms of compute) ...
+    ahead = decoding(make("ahead", TIGHT, arrival=0.0), first_token_at=0.0)
+    ahead.slo = RequestSlo("ahead", "tight", Budgets(ttft_s=0.3, tpot_s=0.01), False, 0.0)
+    prompt = make("p", Budgets(ttft_s=0.25, tpot_s=0.05), prompt=2000)
+    assert admission.decide(0.0, prompt, [ahead]).mode is Mode.ADMITTED
+    # ... but not alongside a decode with no slack, whose 10 ms steps leave 50 tokens each.
+    pressed = decoding(make("pressed", TIGHT, arrival=-0.5), first_token_at=-0.3)
+    pressed.on_tokens(29, -0.01)  # next token due at -0.3 + 30 * 10 ms = 0.0
+    verdict = admission.decide(0.0, prompt, [pressed])
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE
+
+
+def test_decode_batch_that_cannot_keep_its_tpot_is_refused() -> None:
+    admission = controller()
+    # A step of n decodes takes 5 ms + 0.1 ms * n: 50 fit in a 10 ms TPOT, 51 do not.
+    running = [decoding(make(f"d{i}", TIGHT), first_token_at=0.0) for i in range(50)]
+    verdict = admission.decide(0.0, make("one-more", TIGHT, arrival=0.0), running)
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE
+    assert admission.decide(0.0, make("one", TIGHT), running[:40]).mode is Mode.ADMITTED
+
+
+def test_memory_bound_uses_learned_output_lengths() -> None:
+    admission = controller(kv_tokens=10_000)
+    held = [make(f"h{i}", LOOSE, prompt=1000, max_tokens=1000) for i in range(4)]  # 8,000
+    big = make("big", LOOSE, prompt=1000, max_tokens=1500)  # 2,500 more: over
+    verdict = admission.decide(0.0, big, held)
+    assert verdict.rejected and verdict.reason is Reason.MEMORY
+    for _ in range(50):  # the class turns out to stop after ~100 tokens
+        admission.lengths.observe("loose", 100)
+    assert admission.decide(0.0, big, held).mode is Mode.ADMITTED
+
+
+def test_best_effort_requests_do_not_hold_memory() -> None:
+    admission = controller(kv_tokens=3_000)
+    hog = make("hog", LOOSE, prompt=2000, max_tokens=500)
+    hog.demote(Reason.COMPUTE)
+    assert admission.decide(0.0, make("new", LOOSE, prompt=1000, max_tokens=500), [hog]).mode is (
+        Mode.ADMITTED
+    )
+
+
+def test_output_lengths_quantile() -> None:
+    lengths = OutputLengths(window=100, quantile=0.9, min_samples=10)
+    assert lengths.expected("c", 500) == 500  # nothing learned yet: max_tokens
+    for n in range(1, 201):  # the window keeps 101..200
+        lengths.observe("c", n)
+    assert lengths.expected("c", 500) == 190
+    assert lengths.expected("c", 150) == 150
+
+
+# -- expiry --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_expiry_demotes_or_aborts(strict: bool) -> None:
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=100_000)
+    request = make("r", TIGHT, arrival=0.0, prompt=100, strict=strict)
+    assert policy.arrive(0.0, request).mode is Mode.ADMITTED
+    assert policy.expire(0.1) == []  # 100 ms to spare for a 15 ms prefill
+    (expiry,) = policy.expire(0.205)  # past the 200 ms TTFT budget
+    assert expiry.request is request and expiry.abort is strict
+    assert request.mode is Mode.BEST_EFFORT and request.reason is Reason.EXPIRED
+    assert policy.expire(0.3) == []  # once only
+    action = "aborted" if strict else "demoted"
+    assert policy.counters.expired == {("tight", action): 1}
+
+
+def test_policy_counts_verdicts_and_learns_lengths() -> None:
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=100_000)
+    policy.arrive(0.0, make("a", TIGHT))
+    policy.arrive(0.0, make("b", Budgets(0.01, 0.01), prompt=2000, class_name="tight"))
+    assert policy.counters.admitted == {"tight": 1}
+    assert policy.counters.rejected == {("tight", "COMPUTE"): 1}
+    assert set(policy.requests) == {"a"}
+    policy.requests["a"].on_tokens(7, 0.1)
+    policy.finish("a", completed=True)
+    assert policy.requests == {}

@@ -1,0 +1,108 @@
+"""The SLO scheduler inside real vLLM: admission verdicts, best effort and expiry, end to end
+over gRPC on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Replica
+
+from sloserve.client import Client, GenerationResult, build_request
+from sloserve.errors import RejectedError, SloserveError
+
+PROMPT = list(range(10, 210))  # 200 tokens
+
+
+def trace_events(replica: Replica) -> list[dict[str, object]]:
+    lines = replica.trace_path.read_text().splitlines() if replica.trace_path.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def metrics_text(replica: Replica) -> str:
+    with urllib.request.urlopen(replica.metrics_url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_a_feasible_request_is_admitted_and_attains(replica: Replica) -> None:
+    with Client(replica.endpoint) as client:
+        result = client.generate(PROMPT, ttft_s=2.0, tpot_s=0.5, max_tokens=8, ignore_eos=True)
+    assert not result.best_effort
+    assert result.completion_tokens == 8 and len(result.token_ids) == 8
+    assert result.slo_outcome.attained
+
+
+def test_an_impossible_ttft_is_rejected_with_its_reason(replica: Replica) -> None:
+    # No engine prefills 200 tokens in 0.1 ms, and the policy knows it from the profile.
+    with Client(replica.endpoint) as client, pytest.raises(RejectedError) as rejected:
+        client.generate(PROMPT, ttft_s=0.0001, tpot_s=0.5, max_tokens=8, request_id="no-way")
+    assert rejected.value.reason == "COMPUTE"
+    assert rejected.value.retry_after_s is not None and rejected.value.retry_after_s > 0
+    verdicts = [e for e in trace_events(replica) if e.get("request_id") == "no-way"]
+    assert [e["event"] for e in verdicts if e["event"] != "added"] == ["rejected"]
+    assert 'event="rejected",reason="COMPUTE"' in metrics_text(replica)
+
+
+def test_best_effort_when_the_client_accepts_it(replica: Replica) -> None:
+    with Client(replica.endpoint) as client:
+        result = client.generate(
+            PROMPT, ttft_s=0.0001, tpot_s=0.5, max_tokens=12, ignore_eos=True,
+            allow_best_effort=True,
+        )  # fmt: skip
+    assert result.best_effort and result.best_effort_reason == "COMPUTE"
+    # served in full, every token once, but not counted as attaining its SLO
+    assert result.completion_tokens == 12 and len(result.token_ids) == 12
+    assert not result.slo_outcome.attained
+
+
+# -- expiry, on an engine that runs slower than its profile (fault injection) ---------------
+
+
+@pytest.fixture(scope="module")
+def slow_replica(
+    tiny_model: Path, tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replica]:
+    server = Replica(
+        workdir=tmp_path_factory.mktemp("slow-replica"),
+        args=["--profile", str(tiny_profile), "--fault-step-delay", "0.05"],
+    )
+    server.start()
+    try:
+        server.wait_until("SERVING")
+        yield server
+    finally:
+        server.stop()
+
+
+# Steps take 50 ms more than the profile predicts: a 20 ms TPOT falls 30 ms further behind at
+# every token, so within a few tokens the request can no longer meet its SLO.
+LATE = {"ttft_s": 0.3, "tpot_s": 0.02, "max_tokens": 40, "ignore_eos": True}
+
+
+def test_an_expired_request_is_demoted_and_still_completes(slow_replica: Replica) -> None:
+    with Client(slow_replica.endpoint) as client:
+        result: GenerationResult = client.generate(PROMPT, request_id="late", **LATE)
+    assert result.best_effort and result.best_effort_reason == "EXPIRED"
+    assert result.demoted_after_tokens is not None and 0 < result.demoted_after_tokens < 40
+    assert result.completion_tokens == 40 and len(result.token_ids) == 40
+    assert not result.slo_outcome.attained
+    events = [e["event"] for e in trace_events(slow_replica) if e.get("request_id") == "late"]
+    assert "demoted" in events
+
+
+def test_a_strict_request_that_expires_ends_with_deadline_exceeded(
+    slow_replica: Replica,
+) -> None:
+    received = 0
+    with Client(slow_replica.endpoint) as client, pytest.raises(SloserveError) as ended:
+        for response in client.stream(build_request(PROMPT, strict=True, **LATE)):  # type: ignore[arg-type]
+            if response.WhichOneof("event") == "delta":
+                received += len(response.delta.token_ids)
+    assert ended.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert f"after {received} tokens" in ended.value.message
+    assert 0 < received < 40
+    assert 'event="aborted",reason="EXPIRED"' in metrics_text(slow_replica)
