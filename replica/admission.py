@@ -12,9 +12,11 @@ Decided once, when the request reaches the engine's scheduler, by simulating for
   (max_tokens, or its class's learned length when that is smaller). Best-effort requests do
   not count: they are preempted first to make room.
 
-Output lengths are not known at arrival; memory uses the per-class length estimate, compute
-assumes no running request finishes during the horizon (conservative). The model's error is
-covered by the planner's safety factor.
+Output lengths are not known at arrival; memory uses the per-class length estimate, and a
+decoding request is taken to run until it has produced that many tokens. Admission works with
+expected step times and the judge's deadlines (1.05 x the budgets): it turns away only what
+cannot be served in time. A rejection is a miss too, so a cautious admission loses requests the
+engine would have served; the planner's safety factor and reserve protect what is admitted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 from sloserve.replica.planner import LiveLimits, PlannerSettings
 from sloserve.replica.slo_request import Mode, Reason, SloRequest
+from sloserve.slo import TOLERANCE
 from sloserve.stepmodel import StepShape, StepTimeModel
 
 
@@ -151,7 +154,7 @@ class AdmissionController:
             if segment is None:
                 return None
             t += segment[0]
-            if t + s.delivery_s > request.ttft_deadline:
+            if t + s.delivery_s > request.next_deadline(TOLERANCE):
                 late.add(request.request_id)
             # It decodes from here on, ahead of schedule by what its early first token left.
             own_tpot = _tightest_tpot(request)
@@ -162,7 +165,7 @@ class AdmissionController:
         batch = [d for d in decoders if d[0] > t]
         tpot = min((d[1] for d in batch), default=math.inf)
         if batch and not math.isinf(tpot):
-            compute_s = (tpot - self.limits.overhead_s) / self.limits.safety_factor
+            compute_s = tpot - self.limits.overhead_s
             fits = self.model.tokens_within(compute_s, len(batch), sum(d[3] for d in batch))
             if fits < len(batch) or len(batch) > s.max_running:
                 return None
@@ -185,7 +188,7 @@ class AdmissionController:
         k * tpot + slack >= H. The segment is the shortest H that satisfies both.
         """
         s = self.settings
-        sf = self.limits.safety_factor
+        sf = 1.0  # the expected step time: admission turns away only what cannot be served
         chunk = min(tokens, s.max_step_tokens)
         empty = self.model.predict(StepShape(batch, batch + 1, context))
         full = self.model.predict(StepShape(batch + chunk, batch + 1, context + chunk))

@@ -286,10 +286,11 @@ class VirtualEngine:
         shape = StepShape(
             tokens=sum(n for _, n in work), requests=len(work), context_tokens=context
         )
-        seconds = self.model.predict(shape)
-        if self.noise is not None:
-            seconds *= self.noise.factor()
+        predicted = self.model.predict(shape)
+        seconds = predicted * self.noise.factor() if self.noise is not None else predicted
         seconds = max(0.0, seconds) + self.step_overhead_s
+        # As on the engine, the policy learns the loop overhead and the live model error.
+        self.policy.observe_step(predicted, seconds)
         self.now += seconds
         self.stats.steps += 1
         self.stats.busy_s += seconds

@@ -36,6 +36,8 @@ class Policy(Protocol):
 
     def finish(self, request_id: str, completed: bool) -> SloRequest | None: ...
 
+    def observe_step(self, predicted_s: float, actual_s: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -82,6 +84,9 @@ class FcfsPolicy:
 
     def finish(self, request_id: str, completed: bool) -> SloRequest | None:
         return self.requests.pop(request_id, None)
+
+    def observe_step(self, predicted_s: float, actual_s: float) -> None:
+        """Stock vLLM plans no step against the clock, so it learns nothing from one."""
 
     def plan(
         self, now: float, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]
