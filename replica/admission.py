@@ -116,15 +116,28 @@ class AdmissionController:
     # -- compute -------------------------------------------------------------------------
 
     def _compute(self, now: float, candidate: SloRequest, held: Sequence[SloRequest]) -> Reason:
+        """COMPUTE when the candidate cannot be served in time even first, when it would make
+        an admitted request late that would otherwise be on time, or when the decode batch
+        could no longer keep its TPOT.
+
+        A candidate predicted late only because of the queue ahead is still admitted: the
+        prediction is conservative, a rejection is a miss as sure as a late token, and should
+        it fall behind for real, expiry demotes it to best effort, out of everyone's way.
+        """
+        if self._hopeless(now, candidate):
+            return Reason.COMPUTE
         without = self._late_requests(now, held)
         with_candidate = self._late_requests(now, [*held, candidate])
         if with_candidate is None:
             return Reason.COMPUTE
-        if candidate.request_id in with_candidate:
-            return Reason.COMPUTE
-        if without is not None and not with_candidate <= without:
+        if without is not None and not with_candidate - {candidate.request_id} <= without:
             return Reason.COMPUTE
         return Reason.NONE
+
+    def _hopeless(self, now: float, candidate: SloRequest) -> bool:
+        alone = self.model.prefill_s(candidate.prefill_left, self.settings.max_step_tokens)
+        first_token = now + alone + self.limits.overhead_s + self.settings.delivery_s
+        return first_token > candidate.next_deadline(TOLERANCE)
 
     def _late_requests(self, now: float, requests: Sequence[SloRequest]) -> set[str] | None:
         """Requests whose first token would miss its deadline; None if the decode batch that
