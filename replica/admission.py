@@ -178,9 +178,9 @@ class AdmissionController:
         batch = [d for d in decoders if d[0] > t]
         tpot = min((d[1] for d in batch), default=math.inf)
         if batch and not math.isinf(tpot):
-            compute_s = tpot - self.limits.overhead_s
-            fits = self.model.tokens_within(compute_s, len(batch), sum(d[3] for d in batch))
-            if fits < len(batch) or len(batch) > s.max_running:
+            context = sum(d[3] for d in batch)
+            step = self.model.predict(StepShape(len(batch), len(batch), context + len(batch)))
+            if step * self.limits.decode_scale > tpot or len(batch) > s.max_running:
                 return None
         return late
 

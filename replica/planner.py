@@ -60,6 +60,8 @@ class LiveLimits:
     # Time each engine step takes beyond the model's prediction: the engine loop's own work
     # (scheduling, output processing, IPC) plus any bias of the model, measured live.
     overhead_s: float = 0.0
+    # Actual / predicted time of steps of decodes alone, loop overhead included (live).
+    decode_scale: float = 1.0
     # What a step's predicted time is multiplied by: the settings' value until the live
     # residuals of enough steps are known (SloPolicy.observe_step).
     safety_factor: float = 1.1

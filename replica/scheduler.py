@@ -97,7 +97,7 @@ class SloPolicyMixin:
         self._steps_in_flight = {}
         # The last step's predicted compute time and start, while steps run back to back: the
         # gap to the next step's start, less the prediction, is the engine loop's overhead.
-        self._last_step: tuple[float, float] | None = None
+        self._last_step: tuple[float, float, bool] | None = None
         # Finished outputs to emit for requests that never ran: (client, request id, reason).
         self._outbox = []
         self.slo_policy = self._build_policy(settings)
@@ -194,8 +194,8 @@ class SloPolicyMixin:
         saved_budget = self.max_num_scheduled_tokens
         started = time.perf_counter()
         if policy is not None and self._last_step is not None:
-            predicted, last_started = self._last_step
-            policy.observe_step(predicted, started - last_started)
+            predicted, last_started, decode_only = self._last_step
+            policy.observe_step(predicted, started - last_started, decode_only)
         if policy is not None:
             plan = self._plan(policy)
             hidden = self._arrange(plan)
@@ -215,11 +215,12 @@ class SloPolicyMixin:
                 planned=plan.tokens, limit_s=plan.time_limit_s, predicted_s=plan.predicted_s,
                 running=len(self.running), waiting=len(self.waiting), plan_s=self._last_plan_s,
                 overhead_s=policy.limits.overhead_s, safety=policy.limits.safety_factor,
+                decode_scale=policy.limits.decode_scale,
             )  # fmt: skip
         self._last_step = None
         if policy is not None and output.total_num_scheduled_tokens > 0:
-            shape, _ = self._shape_of(output)
-            self._last_step = (policy.model.predict(shape), started)
+            shape, prefill = self._shape_of(output)
+            self._last_step = (policy.model.predict(shape), started, prefill == 0)
         if self._reports is not None and output.total_num_scheduled_tokens > 0:
             shape, prefill = self._shape_of(output)
             self._steps_in_flight[id(output)] = (

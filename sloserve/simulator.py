@@ -290,7 +290,8 @@ class VirtualEngine:
         seconds = predicted * self.noise.factor() if self.noise is not None else predicted
         seconds = max(0.0, seconds) + self.step_overhead_s
         # As on the engine, the policy learns the loop overhead and the live model error.
-        self.policy.observe_step(predicted, seconds)
+        decode_only = all(live.view.decoding for live, _ in work)
+        self.policy.observe_step(predicted, seconds, decode_only)
         self.now += seconds
         self.stats.steps += 1
         self.stats.busy_s += seconds

@@ -36,7 +36,9 @@ class Policy(Protocol):
 
     def finish(self, request_id: str, completed: bool) -> SloRequest | None: ...
 
-    def observe_step(self, predicted_s: float, actual_s: float) -> None: ...
+    def observe_step(
+        self, predicted_s: float, actual_s: float, decode_only: bool = False
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class FcfsPolicy:
     def finish(self, request_id: str, completed: bool) -> SloRequest | None:
         return self.requests.pop(request_id, None)
 
-    def observe_step(self, predicted_s: float, actual_s: float) -> None:
+    def observe_step(self, predicted_s: float, actual_s: float, decode_only: bool = False) -> None:
         """Stock vLLM plans no step against the clock, so it learns nothing from one."""
 
     def plan(
