@@ -36,6 +36,9 @@ class PlannerSettings:
     skip_ahead_tpots: float = 2.0
 
 
+# The smallest prefill chunk of a step that must make progress (one KV block).
+MIN_PROGRESS_TOKENS = 16
+
 # Which of the profile's residual quantiles the safety factor covers: a step may overrun its
 # prediction by this much and still land before the deadline it was planned against.
 SAFETY_QUANTILE = "p95"
@@ -170,8 +173,29 @@ class StepPlanner:
             plan.prefills.append((request.request_id, tokens))
             left -= tokens
             seats -= 1
+        if plan.tokens == 0:
+            self._ensure_progress(
+                plan, [*prefill_admitted, *prefill_best_effort], best_effort_decodes
+            )
         plan.predicted_s = self.predict(plan, decoding, prefilling)
         return plan
+
+    def _ensure_progress(
+        self, plan: StepPlan, prefilling: Sequence[SloRequest], decoding: Sequence[SloRequest]
+    ) -> None:
+        """Never plans an empty step while work waits: the engine would spin in place.
+
+        A budget can round to zero tokens (a step cap or slack shorter than the smallest
+        step); the work then still moves, by the smallest step there is.
+        """
+        if prefilling:
+            first = prefilling[0]
+            plan.prefills.append((first.request_id, min(first.prefill_left, MIN_PROGRESS_TOKENS)))
+        elif decoding:
+            request_id = decoding[0].request_id
+            plan.decodes.append(request_id)
+            if request_id in plan.skipped:
+                plan.skipped.remove(request_id)
 
     def _token_budget(self, limit_s: float, requests: int, context: int) -> int:
         """Most tokens a step may take and still end within `limit_s` (with the margin and

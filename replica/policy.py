@@ -20,7 +20,7 @@ from sloserve.slo import TOLERANCE
 from sloserve.stepmodel import StepTimeModel
 
 # Steps last at most this fraction of the tightest TTFT budget among the last RECENT_ARRIVALS
-# requests (see SloPolicy._learn_step_cap).
+# admitted requests (see SloPolicy._step_cap_for).
 STEP_CAP_FRACTION = 0.5
 RECENT_ARRIVALS = 200
 # The loop overhead is a moving average over about the last 50 busy steps; one sample counts
@@ -76,9 +76,16 @@ class SloPolicy:
 
     def arrive(self, now: float, request: SloRequest) -> Verdict:
         """Decides the request's admission; a request that is not rejected is tracked."""
-        self._learn_step_cap(request.budgets.ttft_s)
+        # Admission judges the candidate as the engine would serve it once admitted: with
+        # the step cap its TTFT brings. Only admitted requests keep the cap they brought.
+        uncapped = self.limits.max_step_s
+        self.limits.max_step_s = min(uncapped, self._step_cap_for(request.budgets.ttft_s))
         verdict = self.admission.decide(now, request, list(self.requests.values()))
         name = request.slo.class_name
+        if verdict.rejected or verdict.mode is Mode.BEST_EFFORT:
+            self.limits.max_step_s = uncapped
+        else:
+            self._remember_ttft(request.budgets.ttft_s)
         if verdict.rejected:
             self.counters.count(self.counters.rejected, (name, verdict.reason.value))
             return verdict
@@ -90,13 +97,18 @@ class SloPolicy:
         self.requests[request.request_id] = request
         return verdict
 
-    def _learn_step_cap(self, ttft_s: float) -> None:
-        """Caps steps at a fraction of the tightest TTFT budget among recent arrivals.
+    def _step_cap_for(self, ttft_s: float) -> float:
+        """Steps last at most a fraction of the tightest TTFT budget among recently admitted
+        requests.
 
         A request that arrives while a step runs waits for that step to end before any of
         its prompt is computed; long steps would spend the TTFT budgets of the requests that
-        have not arrived yet.
+        have not arrived yet. Requests the policy does not commit to (best effort, rejected)
+        do not shorten the steps of those it does.
         """
+        return min([ttft_s, *self._recent_ttft_s]) * STEP_CAP_FRACTION
+
+    def _remember_ttft(self, ttft_s: float) -> None:
         if not math.isfinite(ttft_s):
             return
         self._recent_ttft_s.append(ttft_s)

@@ -24,7 +24,7 @@ def _load(replica: Replica) -> replica_control_pb2.LoadReport:
 
 def _trace_events(replica: Replica, request_id: str) -> list[dict[str, object]]:
     events = [json.loads(line) for line in replica.trace_path.read_text().splitlines()]
-    return [e for e in events if e["request_id"] == request_id]
+    return [e for e in events if e.get("request_id") == request_id]
 
 
 def test_cancel_aborts_request_in_engine_and_frees_kv_cache(replica: Replica) -> None:

@@ -105,6 +105,30 @@ def test_the_policy_caps_steps_at_half_the_tightest_recent_ttft() -> None:
     assert plan.predicted_s <= 0.03 + 1e-9 and plan.tokens in (249, 250)  # floor of 249.99
 
 
+def test_requests_not_admitted_leave_the_step_cap_alone() -> None:
+    """An impossible TTFT is turned away (or served as best effort); it must not shrink the
+    steps of everyone else, nor stall the engine."""
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=1_000_000)
+    policy.arrive(0.0, make("a", Budgets(ttft_s=2.0, tpot_s=0.05), prompt=4000))
+    hopeless = Budgets(ttft_s=0.0001, tpot_s=0.5)
+    assert policy.arrive(0.0, make("no", hopeless, prompt=200)).rejected
+    verdict = policy.arrive(0.0, make("be", hopeless, prompt=200, best_effort_ok=True))
+    assert verdict.mode is Mode.BEST_EFFORT
+    assert policy.limits.max_step_s == pytest.approx(1.0)
+
+
+def test_a_step_never_plans_nothing_while_work_waits() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    planner.limits.max_step_s = 1e-6  # shorter than any step: the budget rounds to zero
+    best_effort = make("be", LOOSE, prompt=200, best_effort_ok=True)
+    best_effort.demote(Reason.COMPUTE)
+    plan = planner.plan(0.0, [], [best_effort])
+    assert plan.prefills == [("be", 16)]
+    decoding(best_effort, first_token_at=0.1)
+    plan = planner.plan(0.2, [best_effort], [])
+    assert plan.decodes == ["be"] and plan.skipped == []
+
+
 def test_step_ends_before_the_earliest_due_decode() -> None:
     planner = StepPlanner(MODEL, SETTINGS)
     now = 0.98
