@@ -22,6 +22,7 @@ engine would have served; the planner's safety factor and reserve protect what i
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -126,8 +127,15 @@ class AdmissionController:
         """
         if self._hopeless(now, candidate):
             return Reason.COMPUTE
-        without = self._late_requests(now, held)
-        with_candidate = self._late_requests(now, [*held, candidate])
+        batch = _DecodeBatch(self._decoders(now, held))
+        queue = [r for r in held if r.output_tokens == 0]
+        without = self._late_requests(now, batch.copy(), queue)
+        if candidate.output_tokens == 0:
+            queue.append(candidate)
+        else:  # resumed with tokens out already: it decodes (or recomputes) from the start
+            for decoder in self._decoders(now, [candidate]):
+                batch.add(decoder)
+        with_candidate = self._late_requests(now, batch, queue)
         if with_candidate is None:
             return Reason.COMPUTE
         if without is not None and not with_candidate - {candidate.request_id} <= without:
@@ -139,31 +147,37 @@ class AdmissionController:
         first_token = now + alone + self.limits.overhead_s + self.settings.delivery_s
         return first_token > candidate.next_deadline(TOLERANCE)
 
-    def _late_requests(self, now: float, requests: Sequence[SloRequest]) -> set[str] | None:
-        """Requests whose first token would miss its deadline; None if the decode batch that
-        results cannot keep the tightest TPOT at all.
+    def _decoders(self, now: float, requests: Iterable[SloRequest]) -> list[_Decoder]:
+        """The requests that have produced tokens, as decoders of the forward simulation.
 
         A decoding request rides in every step until it has produced its expected output;
         steps of at most its TPOT give it a token each, so it is gone by then at the latest.
         """
+        decoders = []
+        for r in requests:
+            if r.output_tokens > 0:
+                tpot = _tightest_tpot(r)
+                leaves = now + self._decode_left(r) * tpot
+                decoders.append((leaves, tpot, r.planning_deadline(), r.context_tokens))
+        return decoders
+
+    def _late_requests(
+        self, now: float, batch: _DecodeBatch, queue: Sequence[SloRequest]
+    ) -> set[str] | None:
+        """Requests of `queue` (waiting for their first token) whose first token would miss
+        its deadline, with `batch` decoding alongside (it is consumed); None if the decode
+        batch that results cannot keep the tightest TPOT."""
         s = self.settings
-        # (leaves by, tightest TPOT, planning deadline of its next token, context)
-        decoders = [
-            (now + self._decode_left(r) * _tightest_tpot(r), _tightest_tpot(r),
-             r.planning_deadline(), r.context_tokens)
-            for r in requests if r.output_tokens > 0
-        ]  # fmt: skip
-        queue = sorted((r for r in requests if r.output_tokens == 0), key=lambda r: r.ttft_deadline)
         late: set[str] = set()
         t = now
-        for request in queue:
-            active = [d for d in decoders if d[0] > t]
-            tpot = min((d[1] for d in active), default=math.inf)
+        for request in sorted(queue, key=lambda r: r.ttft_deadline):
+            batch.advance(t)
             # How far ahead of schedule the most pressed decode is: time the planner may
             # spend on long prefill steps before it must fall back to steps of one TPOT.
-            slack = max(0.0, min((d[2] - t for d in active), default=math.inf))
-            context = sum(d[3] for d in active)
-            segment = self._prefill_segment(request.prefill_left, len(active), context, tpot, slack)
+            slack = max(0.0, batch.earliest_deadline() - t)
+            segment = self._prefill_segment(
+                request.prefill_left, batch.count, batch.context, batch.tightest_tpot(), slack
+            )
             if segment is None:
                 return None
             t += segment[0]
@@ -173,14 +187,14 @@ class AdmissionController:
             own_tpot = _tightest_tpot(request)
             first_due = max(request.ttft_deadline, t) + own_tpot
             leaves = t + self._decode_left(request) * own_tpot
-            decoders.append((leaves, own_tpot, first_due, request.prompt_tokens))
+            batch.add((leaves, own_tpot, first_due, request.prompt_tokens))
         # The largest decode batch the horizon sees must keep the tightest TPOT.
-        batch = [d for d in decoders if d[0] > t]
-        tpot = min((d[1] for d in batch), default=math.inf)
-        if batch and not math.isinf(tpot):
-            context = sum(d[3] for d in batch)
-            step = self.model.predict(StepShape(len(batch), len(batch), context + len(batch)))
-            if step * self.limits.decode_scale > tpot or len(batch) > s.max_running:
+        batch.advance(t)
+        tpot = batch.tightest_tpot()
+        if batch.count and not math.isinf(tpot):
+            shape = StepShape(batch.count, batch.count, batch.context + batch.count)
+            step = self.model.predict(shape)
+            if step * self.limits.decode_scale > tpot or batch.count > s.max_running:
                 return None
         return late
 
@@ -226,3 +240,76 @@ class AdmissionController:
 def _tightest_tpot(request: SloRequest) -> float:
     budgets = request.budgets
     return min(budgets.tpot_s, budgets.thinking_tpot_s or math.inf)
+
+
+# A decoder of the forward simulation: (leaves at, tightest TPOT, planning deadline of its next
+# token, context tokens).
+_Decoder = tuple[float, float, float, int]
+
+
+class _DecodeBatch:
+    """The decoders alive at the simulation's time: those that have not left yet.
+
+    Time only moves forward, so a decoder that has left never returns: heaps with lazy removal
+    give the count, context and minima in O(log n) per change, where a scan per queued request
+    would cost O(n) each (a thousand decodes, a hundred waiting prompts).
+    """
+
+    def __init__(self, decoders: Sequence[_Decoder]) -> None:
+        self.t = -math.inf
+        self.count = 0
+        self.context = 0
+        self._leaving: list[tuple[float, int]] = []
+        self._tpots: list[tuple[float, float]] = []
+        self._deadlines: list[tuple[float, float]] = []
+        for decoder in decoders:
+            self._push(decoder)
+        heapq.heapify(self._leaving)
+        heapq.heapify(self._tpots)
+        heapq.heapify(self._deadlines)
+
+    def copy(self) -> _DecodeBatch:
+        twin = _DecodeBatch(())
+        twin.t, twin.count, twin.context = self.t, self.count, self.context
+        twin._leaving = self._leaving.copy()
+        twin._tpots = self._tpots.copy()
+        twin._deadlines = self._deadlines.copy()
+        return twin
+
+    def _push(self, decoder: _Decoder) -> None:
+        leaves, tpot, deadline, context = decoder
+        self._leaving.append((leaves, context))
+        self._tpots.append((tpot, leaves))
+        self._deadlines.append((deadline, leaves))
+        self.count += 1
+        self.context += context
+
+    def add(self, decoder: _Decoder) -> None:
+        leaves, tpot, deadline, context = decoder
+        if leaves <= self.t:
+            return
+        heapq.heappush(self._leaving, (leaves, context))
+        heapq.heappush(self._tpots, (tpot, leaves))
+        heapq.heappush(self._deadlines, (deadline, leaves))
+        self.count += 1
+        self.context += context
+
+    def advance(self, t: float) -> None:
+        self.t = t
+        while self._leaving and self._leaving[0][0] <= t:
+            _, context = heapq.heappop(self._leaving)
+            self.count -= 1
+            self.context -= context
+
+    def tightest_tpot(self) -> float:
+        return _alive_min(self._tpots, self.t)
+
+    def earliest_deadline(self) -> float:
+        return _alive_min(self._deadlines, self.t)
+
+
+def _alive_min(heap: list[tuple[float, float]], t: float) -> float:
+    """Smallest key among entries (key, leaves) still alive at `t`; inf when none is."""
+    while heap and heap[0][1] <= t:
+        heapq.heappop(heap)
+    return heap[0][0] if heap else math.inf

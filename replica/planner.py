@@ -132,7 +132,8 @@ class StepPlanner:
         best_effort_decodes = [r for r in decoding if not r.admitted]
 
         seats = s.max_running - len(plan.decodes)
-        context = sum(r.context_tokens for r in admitted if r.request_id in plan.decodes)
+        decode_ids = set(plan.decodes)
+        context = sum(r.context_tokens for r in admitted if r.request_id in decode_ids)
         first_prefill = prefill_admitted[0] if prefill_admitted else None
         requests = len(plan.decodes) + (1 if first_prefill else 0)
         context += first_prefill.context_tokens if first_prefill else 0
@@ -143,6 +144,8 @@ class StepPlanner:
             if left <= 0 or seats <= 0:
                 break
             need = request.prefill_left
+            if need > left and not request.split_prefill:
+                continue
             if need <= left:
                 # The chunk completes the prefill, so the step also carries the request's
                 # first token: the step must end before that token is due. (When even that
@@ -169,6 +172,8 @@ class StepPlanner:
         for request in prefill_best_effort:
             if left <= 0 or seats <= 0:
                 break
+            if request.prefill_left > left and not request.split_prefill:
+                continue
             tokens = min(request.prefill_left, left)
             plan.prefills.append((request.request_id, tokens))
             left -= tokens
@@ -190,7 +195,9 @@ class StepPlanner:
         """
         if prefilling:
             first = prefilling[0]
-            plan.prefills.append((first.request_id, min(first.prefill_left, MIN_PROGRESS_TOKENS)))
+            smallest = MIN_PROGRESS_TOKENS if first.split_prefill else first.prefill_left
+            tokens = min(first.prefill_left, smallest, self.settings.max_step_tokens)
+            plan.prefills.append((first.request_id, tokens))
         elif decoding:
             request_id = decoding[0].request_id
             plan.decodes.append(request_id)

@@ -84,6 +84,7 @@ class SloPolicyMixin:
     _reports: ReportSender | None
     _steps_in_flight: dict[int, tuple[StepShape, int, float, float]]
     _outbox: list[tuple[int, str, str]]
+    _cpu_engine: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -101,6 +102,8 @@ class SloPolicyMixin:
         # Finished outputs to emit for requests that never ran: (client, request id, reason).
         self._outbox = []
         self.slo_policy = self._build_policy(settings)
+        device = getattr(self, "vllm_config").device_config.device_type  # noqa: B009
+        self._cpu_engine = device == "cpu"
         self._last_plan_s = 0.0
         # Fault injection for tests: every step runs this much slower than the profile says,
         # as on an engine whose profile has gone stale.
@@ -145,11 +148,13 @@ class SloPolicyMixin:
     def _admit(self, policy: SloPolicy, request: Request, slo: RequestSlo | None) -> bool:
         """Runs admission; False when the request is turned away (its answer is queued)."""
         now = time.time()
+        params = request.sampling_params
         tracked = SloRequest(
             request_id=request.request_id,
             slo=slo or RequestSlo(request.request_id, "", _NO_SLO, True, now),
             prompt_tokens=request.num_prompt_tokens,
             max_tokens=int(request.max_tokens),
+            split_prefill=not (self._cpu_engine and params is not None and params.seed is not None),
         )
         if slo is None:
             tracked.demote(Reason.NONE)
@@ -191,6 +196,7 @@ class SloPolicyMixin:
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         policy = self.slo_policy
         hidden: list[Request] = []
+        held_back: list[Request] = []
         saved_budget = self.max_num_scheduled_tokens
         started = time.perf_counter()
         if policy is not None and self._last_step is not None:
@@ -199,6 +205,7 @@ class SloPolicyMixin:
         if policy is not None:
             plan = self._plan(policy)
             hidden = self._arrange(plan)
+            held_back = self._hold_back_whole_prefills(policy, plan)
             if plan.tokens > 0:
                 self.max_num_scheduled_tokens = min(saved_budget, plan.tokens)
         self._last_plan_s = time.perf_counter() - started
@@ -209,6 +216,8 @@ class SloPolicyMixin:
         finally:
             self.max_num_scheduled_tokens = saved_budget
             self.running.extend(hidden)
+            for request in held_back:
+                self.waiting.add_request(request)
         if policy is not None:
             self._slo_trace.write(
                 "step", tokens=output.total_num_scheduled_tokens,
@@ -270,6 +279,21 @@ class SloPolicyMixin:
         keep.sort(key=lambda r: order.get(r.request_id, len(order)))
         self.running = keep
         return hidden
+
+    def _hold_back_whole_prefills(self, policy: SloPolicy, plan: StepPlan) -> list[Request]:
+        """Takes out of the waiting queue, for this step, the unplanned requests whose prefill
+        must not be split: vLLM gives budget left over by planned work (a prefix-cache hit,
+        say) to the next waiting request, in part if need be."""
+        planned = set(plan.scheduled)
+        held_back = []
+        for request in list(self.waiting):
+            tracked = policy.requests.get(request.request_id)
+            whole = tracked is not None and not tracked.split_prefill
+            if whole and request.request_id not in planned:
+                held_back.append(request)
+        if held_back:
+            self.waiting.remove_requests(held_back)
+        return held_back
 
     def _apply_expiry(self, policy: SloPolicy, now: float) -> None:
         for expiry in policy.expire(now):

@@ -19,6 +19,7 @@ import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -79,6 +80,7 @@ async def _start_engine(
         max_model_len=engine.model_config.max_model_len,
         vocab_size=engine.model_config.get_vocab_size(),
         default_max_tokens=settings.default_max_tokens,
+        max_seeded_prompt_tokens=_seeded_prompt_limit(engine.vllm_config),
     )
     # Everything allocated so far (torch, transformers, the engine client) lives for the
     # process's lifetime. Frozen, it is out of the collector's reach: a full collection over
@@ -88,6 +90,13 @@ async def _start_engine(
     runtime.state.ready = True
     runtime.publish_health()
     log.info("engine ready: %s", settings.engine.model)
+
+
+def _seeded_prompt_limit(config: Any) -> int | None:
+    """On a CPU engine, a seeded prompt must fit one step (see SloRequest.split_prefill)."""
+    if config.device_config.device_type != "cpu":
+        return None
+    return int(config.scheduler_config.max_num_batched_tokens)
 
 
 def _step_model(settings: ReplicaSettings) -> StepTimeModel:

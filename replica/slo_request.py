@@ -38,6 +38,10 @@ class SloRequest:
     prompt_tokens: int
     max_tokens: int
     mode: Mode = Mode.ADMITTED
+    # False: its prefill must run in one step. vLLM on a CPU cannot rewind a seeded request's
+    # random generator after a partial prefill (its engine dies), so seeded requests there
+    # are never split.
+    split_prefill: bool = True
     reason: Reason = Reason.NONE
     # Tokens whose KV is computed, prompt and output (vLLM's num_computed_tokens). A request
     # preempted by recomputation drops back to 0 and prefills its prompt and output again.

@@ -20,6 +20,9 @@ class ModelLimits:
     max_model_len: int
     vocab_size: int
     default_max_tokens: int  # cap when a request sets no max_tokens
+    # Longest prompt a seeded request may have; None: any. vLLM on a CPU cannot split a
+    # seeded request's prefill across steps, so there it is one step's token budget.
+    max_seeded_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,13 @@ def _sampling(
         raise FieldError("sampling.top_p", "must be in (0, 1]")
     if any(not s for s in params.stop):
         raise FieldError("sampling.stop", "stop strings must not be empty")
+    seeded_limit = limits.max_seeded_prompt_tokens
+    if params.HasField("seed") and seeded_limit is not None and prompt_len > seeded_limit:
+        raise FieldError(
+            "sampling.seed",
+            f"is supported on this CPU engine for prompts of at most {seeded_limit} tokens "
+            f"(one step's budget), and the prompt has {prompt_len}; leave the seed unset",
+        )
     return Sampling(
         max_tokens=max_tokens,
         temperature=temperature,

@@ -14,6 +14,7 @@ from sloserve.bench.report import (
     CapacityRow,
     capacity_table,
     markdown_table,
+    outcome_table,
     plot_attainment,
     plot_latency_distributions,
     rows_from_capacity,
@@ -71,6 +72,17 @@ def test_markdown_attainment_table() -> None:
         "| vllm | 1 | 100.0% | - | yes | - |\n"
         "| vllm | 2 | 50.0% | 25.0% | no | no |\n"
     )
+
+
+def test_outcome_table_shows_where_each_request_went() -> None:
+    records = [make_record(i, "chat", ttft=0.2, tpot=0.05) for i in range(3)]
+    records.append(make_record(3, "chat", ttft=2.0, tpot=0.05))  # late
+    turned_away = make_record(4, "chat", ttft=0.2, tpot=0.05)
+    turned_away.token_times, turned_away.completed = [], False
+    turned_away.rejected, turned_away.reject_reason = True, "COMPUTE"
+    table = outcome_table(analyze([*records, turned_away], trim_fraction=0.0))
+    row = table.splitlines()[2]
+    assert row == "| chat | 5 | 60.0% | 4 | 75.0% | 1 | 1 (COMPUTE 1) | 0 | 0 | 0 |"
 
 
 def test_capacity_table_with_fluid_bound_and_baseline() -> None:

@@ -9,7 +9,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from sloserve.client import Client, build_request
-from sloserve.errors import InvalidArgumentError
+from sloserve.errors import FieldError, InvalidArgumentError
+from sloserve.replica.validation import ModelLimits, validate
+from sloserve.slo import SloCatalog
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, replica_control_pb2
 from sloserve.v1 import replica_control_pb2_grpc as control_grpc
 
@@ -79,3 +81,23 @@ def test_configure_rejects_a_default_class_that_does_not_exist(replica: Replica)
             stub.Configure(request, timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith("default_class: ")
+
+
+def _no_text(text: str) -> list[int]:
+    raise AssertionError("token-id prompts need no tokenizer")
+
+
+def test_a_seeded_prompt_too_long_for_one_cpu_step_names_the_seed() -> None:
+    """vLLM on a CPU cannot split a seeded prefill, so the CPU replica bounds seeded prompts
+    by one step's budget (the engine-level check: validation on its own)."""
+    limits = ModelLimits(max_model_len=4096, vocab_size=1000, default_max_tokens=16,
+                         max_seeded_prompt_tokens=64)  # fmt: skip
+    catalog = SloCatalog.default()
+    ok = validate(build_request([5] * 64, seed=1), catalog, limits, tokenize=_no_text)
+    assert ok.sampling.seed == 1
+    assert (
+        validate(build_request([5] * 65), catalog, limits, tokenize=_no_text).sampling.seed is None
+    )
+    with pytest.raises(FieldError) as error:
+        validate(build_request([5] * 65, seed=1), catalog, limits, tokenize=_no_text)
+    assert error.value.field == "sampling.seed" and "at most 64 tokens" in error.value.description

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sloserve.replica.admission import AdmissionController, OutputLengths
+from sloserve.replica.admission import AdmissionController, OutputLengths, _DecodeBatch
 from sloserve.replica.planner import PlannerSettings, StepPlanner
 from sloserve.replica.policy import SloPolicy
 from sloserve.replica.slo_request import Mode, Reason, SloRequest
@@ -216,11 +216,13 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     ahead = decoding(make("ahead", TIGHT, arrival=0.0), first_token_at=0.0)
     ahead.slo = RequestSlo("ahead", "tight", Budgets(ttft_s=0.3, tpot_s=0.01), False, 0.0)
     prompt = make("p", Budgets(ttft_s=0.25, tpot_s=0.05), prompt=2000)
-    assert admission._late_requests(0.0, [ahead, prompt]) == set()
+    ahead_batch = _DecodeBatch(admission._decoders(0.0, [ahead]))
+    assert admission._late_requests(0.0, ahead_batch, [prompt]) == set()
     # ... but not alongside a decode with no slack, whose 10 ms steps leave 50 tokens each.
     pressed = decoding(make("pressed", TIGHT, arrival=-0.5), first_token_at=-0.3)
     pressed.on_tokens(29, -0.01)  # next token due at -0.3 + 30 * 10 ms = 0.0
-    assert admission._late_requests(0.0, [pressed, prompt]) == {"p"}
+    pressed_batch = _DecodeBatch(admission._decoders(0.0, [pressed]))
+    assert admission._late_requests(0.0, pressed_batch, [prompt]) == {"p"}
     # Late only because of the queue, and harming nobody: admitted (expiry demotes it if it
     # really falls behind); hopeless even if served first: rejected.
     assert admission.decide(0.0, prompt, [pressed]).mode is Mode.ADMITTED

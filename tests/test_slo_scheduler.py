@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -106,3 +107,20 @@ def test_a_strict_request_that_expires_ends_with_deadline_exceeded(
     assert f"after {received} tokens" in ended.value.message
     assert 0 < received < 40
     assert 'event="aborted",reason="EXPIRED"' in metrics_text(slow_replica)
+
+
+def test_seeded_prompts_are_never_split_on_the_cpu_engine(replica: Replica) -> None:
+    """vLLM's CPU sampler cannot rewind a seeded request's generator after a partial prefill
+    (the engine dies). Eight 400-token seeded prompts at once exceed one step's 2,048 tokens,
+    so the planner must run each prompt whole, in some step, and all must complete."""
+
+    def one(i: int) -> GenerationResult:
+        with Client(replica.endpoint, timeout_s=120) as client:
+            prompt = [10 + (i * 37 + k) % 400 for k in range(400)]
+            return client.generate(prompt, max_tokens=4, ignore_eos=True, seed=i, slo_class="chat")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert [r.completion_tokens for r in results] == [4] * 8
+    steps = [e for e in trace_events(replica) if e["event"] == "step"]
+    assert steps and all(int(str(e["tokens"])) <= 2048 for e in steps)

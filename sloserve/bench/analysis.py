@@ -63,6 +63,10 @@ class ClassStats:
     best_effort: int  # served only as best effort: a miss for the class
     errors: int
     incomplete: int  # no full response, no error, not rejected (cancelled or still running)
+    # Requests the server accepted under their SLO at arrival (later demotions included), and
+    # the share of them that attained it: what admission promised and kept. None with none.
+    admitted: int
+    admitted_attainment: float | None
     mean_tpot_s: float | None  # mean over requests of each request's mean TPOT
     ttft_s: Percentiles
     inter_token_s: Percentiles  # every gap between consecutive tokens, pooled
@@ -184,6 +188,12 @@ def served_in_class(record: RequestRecord) -> bool:
     return not record.rejected and not record.best_effort
 
 
+def admitted_at_arrival(record: RequestRecord) -> bool:
+    """Accepted under its SLO when it arrived: not turned away, not best effort from the
+    start (a later demotion still counts: the promise was made)."""
+    return not record.rejected and (record.demoted or not record.best_effort)
+
+
 def is_good(record: RequestRecord) -> bool:
     """§2: completed, served in its class, and every token on time (judge, 5% tolerance)."""
     if not (record.completed and served_in_class(record)) or record.error:
@@ -248,6 +258,7 @@ def latency_samples(records: Iterable[RequestRecord]) -> dict[str, LatencySample
 def _class_stats(name: str, records: Sequence[RequestRecord], lat: LatencySamples) -> ClassStats:
     buckets = Counter(outcome(r) for r in records)
     reasons = Counter(r.reject_reason or "unspecified" for r in records if r.rejected)
+    admitted = sum(1 for r in records if admitted_at_arrival(r))
     return ClassStats(
         slo_class=name,
         arrived=len(records),
@@ -259,6 +270,8 @@ def _class_stats(name: str, records: Sequence[RequestRecord], lat: LatencySample
         best_effort=buckets["best_effort"],
         errors=buckets["error"],
         incomplete=buckets["incomplete"],
+        admitted=admitted,
+        admitted_attainment=buckets["good"] / admitted if admitted else None,
         mean_tpot_s=float(np.mean(lat.tpot_s)) if lat.tpot_s else None,
         ttft_s=Percentiles.of(lat.ttft_s),
         inter_token_s=Percentiles.of(lat.inter_token_s),

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import gc
 import json
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sloserve.bench import report
+from sloserve.bench import planner_overhead, report
 from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.presets import LengthScale
@@ -200,19 +201,17 @@ def run_command(args: argparse.Namespace) -> int:
     payload = _describe_run(args, mode, model, reference)
     use_priority = args.priority
     if args.rate is not None:
-        workload = _workload(args, model, args.rate, args.requests or mode.requests)
+        count = args.requests or (round(args.rate * args.duration) if args.duration else 0)
+        workload = _workload(args, model, args.rate, count or mode.requests)
         seed = _prompt_seed(args.seed, args.rate)
         records = _run_once(args.target, workload, args.vocab, use_priority, seed)
         stats = analyze(records)
         payload |= {"rate": args.rate, "stats": stats.to_json()}
         report.plot_latency_distributions(args.out / "latency.png", {args.target: records})
-        table = report.markdown_table(
-            [
-                report.AttainmentRow(
-                    args.target, args.rate, stats.attainment, stats.drain.drained, stats.meets()
-                )
-            ]
+        row = report.AttainmentRow(
+            args.target, args.rate, stats.attainment, stats.drain.drained, stats.meets()
         )
+        table = report.markdown_table([row]) + "\n" + report.outcome_table(stats)
     else:
         fluid = _fluid(model, reference)
         start = _start_rate(args, mode, fluid)
@@ -375,8 +374,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     run_p.add_argument("--target", required=True, help="sloserve:HOST:PORT or openai:URL")
     run_p.add_argument("--rate", type=float, help="requests per second (default: --sweep)")
     run_p.add_argument("--sweep", action="store_true", help="search capacity by bisection")
-    run_p.add_argument("--requests", type=int, help="requests for a single --rate run")
+    sized = run_p.add_mutually_exclusive_group()
+    sized.add_argument("--requests", type=int, help="requests for a single --rate run")
+    sized.add_argument(
+        "--duration", type=float, help="seconds of arrivals for a single --rate run (overload)"
+    )
     run_p.add_argument("--priority", action="store_true", help="send vLLM priorities (openai)")
+
+    planner_p = verbs.add_parser("planner", help="time the SLO policy per step and per arrival")
+    planner_p.add_argument(
+        "--profile-name", default="gpu-llama-3-8b-h100-derived", help="a shipped step profile"
+    )
+    planner_p.add_argument("--profile", type=Path, help="a step profile file (instead)")
+    planner_p.add_argument(
+        "--running", default="256,1024", help="comma-separated requests in flight to measure at"
+    )
+    planner_p.add_argument("--steps", type=int, default=2000, help="steps timed per load")
+    planner_p.add_argument("--out", type=Path, required=True, help="results directory")
 
     compare_p = verbs.add_parser("compare", help="start each system and compare capacities")
     common(compare_p)
@@ -386,7 +400,39 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
+def planner_command(args: argparse.Namespace) -> int:
+    model = StepTimeModel.load(args.profile) if args.profile else shipped_profile(args.profile_name)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for in_flight in (int(n) for n in args.running.split(",")):
+        _progress(f"{in_flight} requests in flight: timing {args.steps} steps")
+        results.append(planner_overhead.measure(model, in_flight, args.steps))
+    header = "| running | steps | plan p50 (ms) | plan p99 (ms) | plan max (ms) "
+    header += "| arrivals | admission p50 (ms) | admission p99 (ms) |\n"
+    lines = [header + "|---" * 8 + "|"]
+    for r in results:
+        lines.append(
+            f"| {r.running} | {r.steps} | {r.plan_ms['p50']:.3f} | {r.plan_ms['p99']:.3f} "
+            f"| {r.plan_ms['max']:.3f} | {r.arrivals} | {r.admission_ms['p50']:.3f} "
+            f"| {r.admission_ms['p99']:.3f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    payload = {
+        "profile": model.to_json(),
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "command": " ".join(["sloserve", *sys.argv[1:]]),
+        "results": [r.to_json() for r in results],
+    }
+    report.write_results(args.out / "planner.json", payload)
+    (args.out / "planner.md").write_text(table)
+    print(table)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.verb == "planner":
+        return planner_command(args)
     if args.vocab is None:
         config = args.model / "config.json"
         if not config.exists():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sloserve.bench.analysis import THRESHOLD, latency_samples, trim
+from sloserve.bench.analysis import THRESHOLD, RunStats, latency_samples, trim
 from sloserve.bench.capacity import CapacityResult
 from sloserve.bench.types import RequestRecord
 
@@ -90,6 +90,24 @@ def markdown_table(rows: Sequence[AttainmentRow]) -> str:
         ]
         for row in ordered
     ]
+    return _table(header, body)
+
+
+def outcome_table(stats: RunStats) -> str:
+    """Where every request of one run went, per class: the overload view (attainment of
+    what was admitted, and what was turned away, demoted, failed or left unfinished)."""
+    header = [
+        "class", "arrived", "attainment", "admitted", "admitted attainment", "late",
+        "rejected (reason)", "best effort", "errors", "incomplete",
+    ]  # fmt: skip
+    body = []
+    for name, c in sorted(stats.classes.items()):
+        reasons = ", ".join(f"{k} {v}" for k, v in c.rejected_by_reason.items())
+        rejected = f"{c.rejected} ({reasons})" if reasons else str(c.rejected)
+        cells = [name, str(c.arrived), _percent(c.attainment), str(c.admitted)]
+        cells += [_percent(c.admitted_attainment), str(c.late), rejected]
+        cells += [str(c.best_effort), str(c.errors), str(c.incomplete)]
+        body.append(cells)
     return _table(header, body)
 
 

@@ -59,7 +59,8 @@ class SloserveTarget:
                 elif event == "delta":
                     record.token_times.extend([now] * len(response.delta.token_ids))
                 elif event == "demotion":
-                    record.best_effort = True  # it can no longer meet its SLO: a miss
+                    # it can no longer meet its SLO: a miss
+                    record.best_effort = record.demoted = True
                 elif event == "completion":
                     record.completed = True
         except RejectedError as rejected:

@@ -36,4 +36,5 @@ class RequestRecord:
     rejected: bool = False  # turned away (RESOURCE_EXHAUSTED / HTTP 429)
     reject_reason: str = ""
     best_effort: bool = False  # served, but as best effort (from admission or demoted later)
+    demoted: bool = False  # admitted, then demoted to best effort once it could not attain
     error: str = ""  # any other failure
