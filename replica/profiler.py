@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import platform
 import random
 import tempfile
 import time
@@ -23,6 +21,7 @@ from typing import Any
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
+from sloserve.machine import cpu_description
 from sloserve.replica.engine import EngineSettings, LoadListener, build_engine
 from sloserve.replica.reports import ReportReceiver, StepRecord
 from sloserve.stepmodel import StepSample, StepTimeModel, fit
@@ -56,15 +55,7 @@ def _hardware() -> str:
             return str(torch.cuda.get_device_name(0))
     except ImportError:
         pass
-    model_name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model_name or platform.processor()} ({os.cpu_count()} cores)"
+    return cpu_description()
 
 
 class _Driver:

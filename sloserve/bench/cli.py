@@ -22,6 +22,7 @@ from sloserve.bench.systems import BASELINE, SYSTEMS, VLLM_VARIANTS, EngineShape
 from sloserve.bench.targets import make_target
 from sloserve.bench.types import RequestRecord
 from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
+from sloserve.machine import cpu_description
 from sloserve.stepmodel import StepTimeModel, shipped_profile
 
 DEFAULT_MODEL = Path(".models/bench")
@@ -419,7 +420,7 @@ def planner_command(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     payload = {
         "profile": model.to_json(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_description(),
         "python": platform.python_version(),
         "command": " ".join(["sloserve", *sys.argv[1:]]),
         "results": [r.to_json() for r in results],
