@@ -86,8 +86,11 @@ def test_attainment_counts_rejections_and_best_effort_as_misses() -> None:
 def test_admitted_attainment_counts_later_demotions_but_not_turned_away() -> None:
     records = mixed_run()  # chat: 8 admitted (6 good, 2 late), 1 rejected, 1 best effort
     records.append(make_record(14, 14.0, best_effort=True, demoted=True))  # admitted, expired
+    never_sent = make_record(15, 15.0, token_times=[], completed=False, sent=False)
+    never_sent.error = "session stopped: round 0 failed"
+    records.append(never_sent)
     chat = analyze(records, trim_fraction=0.0).classes["chat"]
-    assert chat.admitted == 9
+    assert (chat.admitted, chat.errors) == (9, 1)
     assert chat.admitted_attainment == pytest.approx(6 / 9)
     only_rejected = analyze([rejected(0, 0.0)], trim_fraction=0.0).classes["chat"]
     assert (only_rejected.admitted, only_rejected.admitted_attainment) == (0, None)

@@ -190,8 +190,11 @@ def served_in_class(record: RequestRecord) -> bool:
 
 def admitted_at_arrival(record: RequestRecord) -> bool:
     """Accepted under its SLO when it arrived: not turned away, not best effort from the
-    start (a later demotion still counts: the promise was made)."""
-    return not record.rejected and (record.demoted or not record.best_effort)
+    start (a later demotion still counts: the promise was made). A round never sent, its
+    session having stopped, was never admitted."""
+    if not record.sent or record.rejected:
+        return False
+    return record.demoted or not record.best_effort
 
 
 def is_good(record: RequestRecord) -> bool:

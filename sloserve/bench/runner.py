@@ -79,7 +79,9 @@ async def run(
 
     def skip(request: BenchRequest, why: str) -> None:
         now = time.time()
-        records[request.index] = RequestRecord(request, sent_at=now, finished_at=now, error=why)
+        records[request.index] = RequestRecord(
+            request, sent_at=now, finished_at=now, error=why, sent=False
+        )
         for follower in followers.get(request.index, []):
             skip(follower, why)
 

@@ -38,3 +38,4 @@ class RequestRecord:
     best_effort: bool = False  # served, but as best effort (from admission or demoted later)
     demoted: bool = False  # admitted, then demoted to best effort once it could not attain
     error: str = ""  # any other failure
+    sent: bool = True  # False: never sent (a later round of a session that had stopped)
