@@ -234,8 +234,8 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     assert admission.decide(0.0, prompt, [pressed]).mode is Mode.ADMITTED
     # Queued behind two more prompts due first, it would be later by far more than a quarter
     # of its budget: the queue is real, so it is turned away.
-    ahead = [make(f"q{i}", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1000) for i in range(2)]
-    assert admission.decide(0.0, prompt, [pressed, *ahead]).reason is Reason.COMPUTE
+    queued = [make(f"q{i}", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1000) for i in range(2)]
+    assert admission.decide(0.0, prompt, [pressed, *queued]).reason is Reason.COMPUTE
     # A queue that delays it a little (a one-token prompt) does not.
     small = [make("q", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1)]
     late_alone = admission._late_requests(
