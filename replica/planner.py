@@ -139,13 +139,21 @@ class StepPlanner:
         context += first_prefill.context_tokens if first_prefill else 0
         budget = self._token_budget(limit, requests, context)
         used = len(plan.decodes)
+        rode_along = False
         for request in prefill_admitted:
-            left = budget - used
-            if left <= 0 or seats <= 0:
+            if seats <= 0:
                 break
+            left = budget - used
             need = request.prefill_left
             if need > left and not request.split_prefill:
-                continue
+                # A prompt that must run whole waits for a step with room for it, unless it
+                # is no longer than the smallest step of progress: then one such prompt per
+                # step rides along over the budget, so decodes never starve it.
+                if rode_along or need > max(left, 0) + MIN_PROGRESS_TOKENS:
+                    continue
+                rode_along, left = True, need
+            if left <= 0:
+                break
             if need <= left:
                 # The chunk completes the prefill, so the step also carries the request's
                 # first token: the step must end before that token is due. (When even that

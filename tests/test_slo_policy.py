@@ -134,6 +134,23 @@ def test_a_step_never_plans_nothing_while_work_waits() -> None:
     assert plan.decodes == ["be"] and plan.skipped == []
 
 
+def test_a_prompt_that_must_run_whole_waits_for_room_or_rides_along_if_small() -> None:
+    planner = StepPlanner(MODEL, SETTINGS)
+    planner.limits.max_step_s = 0.00655  # 5 ms + 0.1 ms per token: 15 tokens fit
+    whole = [make(f"w{i}", LOOSE, prompt=12) for i in range(2)]
+    big = make("big", LOOSE, prompt=100)
+    for request in (*whole, big):
+        request.split_prefill = False
+    split = make("split", LOOSE, prompt=100)
+    plan = planner.plan(0.0, [], [big, split])
+    assert plan.prefills == [("split", 15)]  # the whole 100 waits; the other is split
+    plan = planner.plan(0.0, [], [*whole, split])
+    assert plan.prefills == [("w0", 12), ("w1", 12)]  # w0 fits, w1 rides along over budget
+    planner.limits.max_step_s = 0.00525  # 2 tokens fit
+    plan = planner.plan(0.0, [], [*whole, split])
+    assert plan.prefills == [("w0", 12)]  # one small whole prompt rides along, not two
+
+
 def test_step_ends_before_the_earliest_due_decode() -> None:
     planner = StepPlanner(MODEL, SETTINGS)
     now = 0.98
