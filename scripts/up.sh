@@ -1,16 +1,7 @@
 #!/usr/bin/env bash
-# Starts a replica on the given model, streams one generation from it, then stops it (SIGTERM
-# drains it). `make up` runs this; `sloserve up` will replace it with the whole stack.
+# Starts the whole stack on the given model: a gateway in front of replicas (2 by default;
+# SLOSERVE_REPLICAS=N for more), as local processes. It prints the endpoints; Ctrl-C stops
+# everything (the gateway drains first). `make up` runs this.
 set -euo pipefail
 model=${1:?usage: up.sh MODEL_DIR}
-port=${SLOSERVE_PORT:-50051}
-bin=.venv/bin
-
-$bin/sloserve replica --model "$model" --port "$port" --metrics-port -1 --enforce-eager &
-replica=$!
-trap 'kill -TERM $replica 2>/dev/null; wait $replica' EXIT
-
-echo "waiting for the replica on localhost:$port ..."
-$bin/sloserve health --endpoint "localhost:$port" --wait 180
-$bin/sloserve generate --endpoint "localhost:$port" --class chat --max-tokens 48 \
-  "Write a haiku about latency objectives."
+exec .venv/bin/sloserve up --model "$model" --replicas "${SLOSERVE_REPLICAS:-2}"

@@ -273,6 +273,167 @@ def _run_health(args: argparse.Namespace) -> int:
             time.sleep(0.5)
 
 
+def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sloserve.gateway.routing import POLICIES
+
+    p = sub.add_parser("gateway", help="route requests to replicas by SLO (gRPC and OpenAI HTTP)")
+    p.add_argument(
+        "--replica",
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="a replica's gRPC endpoint; repeat for each replica",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    p.add_argument("--port", type=int, default=50050, help="gRPC port (default: 50050)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP port; -1 turns it off (default: 8000)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9500,
+        help="Prometheus /metrics port; -1 turns it off (default: 9500)",
+    )
+    p.add_argument(
+        "--routing", choices=POLICIES, default="slack", help="routing policy (default: slack)"
+    )
+    p.add_argument(
+        "--classes",
+        type=Path,
+        help="SLO classes YAML, the replicas' own (default: built-in classes)",
+    )
+    p.add_argument(
+        "--model-name",
+        action="append",
+        help="model name the HTTP API serves; repeatable (default: sloserve)",
+    )
+    p.add_argument(
+        "--queue-capacity",
+        type=int,
+        default=64,
+        help="best-effort queue bound per SLO class (default: 64)",
+    )
+    p.add_argument(
+        "--queue-ttl",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait in the best-effort queue (default: 30)",
+    )
+    p.add_argument(
+        "--spill-max-in-flight",
+        type=int,
+        default=4,
+        help="a replica takes queued best-effort work while running fewer requests (default: 4)",
+    )
+    p.add_argument(
+        "--report-interval",
+        type=float,
+        default=0.25,
+        help="seconds between the replicas' load reports (default: 0.25)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="a replica silent this long during a call is treated as failed (default: 60)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        help="seconds SIGTERM waits for requests in flight (default: 300)",
+    )
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    from sloserve.errors import FieldError
+    from sloserve.gateway.server import GatewaySettings, serve
+
+    settings = GatewaySettings(
+        replicas=tuple(args.replica),
+        host=args.host,
+        port=args.port,
+        http_port=None if args.http_port < 0 else args.http_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        routing=args.routing,
+        classes_file=args.classes,
+        model_names=tuple(args.model_name or ("sloserve",)),
+        queue_capacity=args.queue_capacity,
+        queue_ttl_s=args.queue_ttl,
+        spill_max_in_flight=args.spill_max_in_flight,
+        report_interval_s=args.report_interval,
+        stall_timeout_s=args.stall_timeout,
+        drain_timeout_s=args.drain_timeout,
+    )
+    try:
+        return asyncio.run(serve(settings))
+    except FieldError as bad:
+        print(f"error: --{bad.field.replace('_', '-')}: {bad.description}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as error:  # a port in use, typically
+        print(f"error: the gateway could not start: {error}", file=sys.stderr)
+        return 1
+
+
+def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sloserve.gateway.routing import POLICIES
+
+    p = sub.add_parser("up", help="run N replicas and a gateway locally, until Ctrl-C")
+    p.add_argument("--replicas", type=int, default=2, help="replica processes (default: 2)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path(".models/tiny"),
+        help="model directory (default: .models/tiny, built when missing)",
+    )
+    p.add_argument("--port", type=int, default=50050, help="gateway gRPC port (default: 50050)")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (default: 8000)")
+    p.add_argument("--metrics-port", type=int, default=9500, help="metrics port (default: 9500)")
+    p.add_argument(
+        "--first-replica-port",
+        type=int,
+        default=50051,
+        help="replica i listens on this port + i (default: 50051)",
+    )
+    p.add_argument("--routing", choices=POLICIES, default="slack")
+    p.add_argument("--classes", type=Path, help="SLO classes YAML for replicas and gateway")
+    p.add_argument("--kv-cache-gib", type=float, help="KV cache per replica (default: 1 on CPU)")
+    p.add_argument("--log-dir", type=Path, help="where process logs go (default: a temp dir)")
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from sloserve.gateway.local_stack import StackSettings, run
+
+    if args.replicas < 1:
+        print("error: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    if not (args.model / "config.json").exists():
+        if args.model != Path(".models/tiny"):
+            print(f"error: --model: no model at {args.model}", file=sys.stderr)
+            return 2
+        from sloserve.tiny_model import build_model
+
+        build_model(args.model)
+    return run(
+        StackSettings(
+            model=args.model,
+            replicas=args.replicas,
+            port=args.port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            first_replica_port=args.first_replica_port,
+            routing=args.routing,
+            classes_file=args.classes,
+            kv_cache_gib=args.kv_cache_gib,
+            log_dir=args.log_dir,
+        )
+    )
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from sloserve.bench import cli as bench_cli
 
@@ -294,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_model(sub)
     _add_generate(sub)
     _add_health(sub)
+    _add_gateway(sub)
+    _add_up(sub)
     from sloserve.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
@@ -310,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": _run_model,
         "generate": _run_generate,
         "health": _run_health,
+        "gateway": _run_gateway,
+        "up": _run_up,
         "bench": _run_bench,
         "simulate": _run_simulate,
     }

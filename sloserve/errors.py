@@ -92,28 +92,28 @@ class UnavailableError(SloserveError):
 
 
 @dataclass(frozen=True)
-class _Details:
-    field: str | None = None
-    reason: str | None = None
-    retry_after_s: float | None = None
+class StatusDetails:
+    """What a rich google.rpc.Status says beyond its code and message."""
+
+    field: str = ""  # BadRequest: the first field violation
+    reason: str = ""  # ErrorInfo
+    retry_after_s: float | None = None  # RetryInfo
 
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
-    """The google.rpc.Status a server attached, from sync and asyncio errors alike."""
+def rich_status(error: grpc.RpcError) -> status_pb2.Status:
+    """The google.rpc.Status a server attached (sync and asyncio errors alike); without one,
+    a plain status of the error's code and message."""
     for key, value in error.trailing_metadata() or ():
-        if key == _STATUS_DETAILS_KEY:
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
             return status_pb2.Status.FromString(value)
-    return None
+    return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
 
 
-def _details(error: grpc.RpcError) -> _Details:
-    status = _rich_status(error)
-    if status is None:
-        return _Details()
-    field = reason = None
+def status_details(status: status_pb2.Status) -> StatusDetails:
+    field = reason = ""
     retry_after = None
     for detail in status.details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -129,18 +129,18 @@ def _details(error: grpc.RpcError) -> _Details:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-    return _Details(field, reason, retry_after)
+    return StatusDetails(field, reason, retry_after)
 
 
 def from_rpc_error(error: grpc.RpcError) -> SloserveError:
     """The typed exception for a failed call, with the details the server attached."""
     code = error.code()
     message = error.details() or ""
-    details = _details(error)
+    details = status_details(rich_status(error))
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgumentError(message, details.field or "")
+        return InvalidArgumentError(message, details.field)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RejectedError(message, details.reason or "", details.retry_after_s)
+        return RejectedError(message, details.reason, details.retry_after_s)
     if code == grpc.StatusCode.UNAVAILABLE:
         return UnavailableError(message)
     return SloserveError(code, message)

@@ -144,3 +144,107 @@ def replica(
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Gateway:
+    """A `sloserve gateway` subprocess in front of the given replica endpoints."""
+
+    workdir: Path
+    replicas: list[str]
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API's base URL."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "gateway.log"
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "sloserve", "gateway",
+            *(a for endpoint in self.replicas for a in ("--replica", endpoint)),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--http-port", str(self.http_port),
+            "--metrics-port", str(self.metrics_port),
+            "--classes", str(CLASSES),
+            "--model-name", "tiny",
+            *self.args,
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_serving(self, timeout_s: float = 60) -> None:
+        """Until health says SERVING: every replica given is in rotation by then or soon."""
+        deadline = time.monotonic() + timeout_s
+        while not self.serving():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited:\n{self.log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not SERVING after {timeout_s} s")
+            time.sleep(0.2)
+
+    def serving(self) -> bool:
+        with grpc.insecure_channel(self.endpoint) as channel:
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+            except grpc.RpcError:
+                return False
+        return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_replica(workdir: Path, args: list[str]) -> Replica:
+    """Starts a replica like the shared one and waits until it serves."""
+    server = Replica(workdir=workdir, args=args)
+    server.start()
+    try:
+        server.wait_until("SERVING")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def metric_sum(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples that carry `labels`, read from `url`."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )

@@ -1,0 +1,416 @@
+"""One request's life in the gateway: route, forward, retry, spill, and account for it.
+
+1. Validate what the gateway can without a tokenizer (SLO, prompt presence, request id);
+   the rest is the replica's, whose INVALID_ARGUMENT is passed on unchanged.
+2. Try the replicas in rotation in the router's order, asking each for SLO admission
+   (allow_best_effort off). A rejection, or an unreachable replica, before any token has
+   been sent to the client moves on to the next replica: nothing was delivered, so the retry
+   is invisible. (The replica's Admission message is held back until the first token for
+   exactly this reason.)
+3. No replica admits it: a request that accepts best effort waits in the spillover queue
+   until a replica has room, then runs there as best effort; any other gets the rejection,
+   with the first replica's reason and the soonest retry-after.
+4. Once tokens have been sent, a replica failure ends the stream with UNAVAILABLE saying how
+   many tokens were delivered (a generation cannot be resumed elsewhere).
+
+The gateway judges every stream against its budgets on its own clock, from its own arrival
+time, and puts that outcome in the Completion it forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+
+from sloserve import errors
+from sloserve.gateway import failures
+from sloserve.gateway.failures import GatewayError
+from sloserve.gateway.metrics import GatewayMetrics
+from sloserve.gateway.replica_pool import ReplicaHandle, ReplicaPool, Ticket
+from sloserve.gateway.routing import RequestShape, Router, estimate_prompt_tokens
+from sloserve.gateway.slo_summary import ATTAINED, BEST_EFFORT, MISSED, SloSummary
+from sloserve.gateway.spillover import QueueFull, Spilled, SpilloverDrainer, SpilloverQueue
+from sloserve.protoconv import duration, outcome_to_proto
+from sloserve.replica.validation import MAX_REQUEST_ID_LENGTH, resolve_slo
+from sloserve.slo import Budgets, SloCatalog, judge
+from sloserve.v1 import inference_pb2, slo_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    # A replica that sends nothing for this long during a call is treated as failed (a hung
+    # process keeps its connection open; without this its clients would wait forever).
+    stall_timeout_s: float = 60.0
+
+
+# Metrics labels of replica errors the gateway passes on as they are.
+_PASSED_ON_OUTCOMES = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "expired",  # a strict request that missed its SLO
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
+}
+
+
+class _Retry(Exception):
+    """This replica will not serve the request, and nothing was sent to the client yet."""
+
+    def __init__(self, why: str, reason: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(why)
+        self.why = why  # "rejected" or "unreachable"
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Stream:
+    """What the client has been sent so far."""
+
+    request_id: str
+    class_name: str
+    budgets: Budgets
+    arrival: float
+    spilled_reason: str = ""  # set when the request went through the spillover queue
+    admission: inference_pb2.GenerateResponse | None = None
+    started: bool = False  # something was sent to the client: no more transparent retries
+    token_times: list[float] = field(default_factory=list)
+    best_effort: bool = False
+    demoted: bool = False
+
+    def admission_to_send(self) -> inference_pb2.GenerateResponse:
+        """The held-back Admission, marked best effort when the request was spilled."""
+        admission = self.admission or inference_pb2.GenerateResponse(
+            admission=inference_pb2.Admission(request_id=self.request_id)
+        )
+        if self.spilled_reason:
+            admission.admission.mode = slo_pb2.ADMISSION_MODE_BEST_EFFORT
+            name = f"REJECT_REASON_{self.spilled_reason}"
+            if name in slo_pb2.RejectReason.keys():  # noqa: SIM118 (an enum wrapper)
+                reason = slo_pb2.RejectReason.Value(name)
+                admission.admission.best_effort_reason = reason  # type: ignore[assignment]
+        self.best_effort = admission.admission.mode == slo_pb2.ADMISSION_MODE_BEST_EFFORT
+        return admission
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        router: Router,
+        catalog: SloCatalog,
+        queue: SpilloverQueue,
+        drainer: SpilloverDrainer,
+        metrics: GatewayMetrics,
+        summary: SloSummary,
+        settings: DispatchSettings | None = None,
+    ) -> None:
+        self.pool = pool
+        self.router = router
+        self.catalog = catalog
+        self.queue = queue
+        self.drainer = drainer
+        self.metrics = metrics
+        self.summary = summary
+        self.settings = settings or DispatchSettings()
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # -- validation ----------------------------------------------------------------------
+
+    def _check(self, request: inference_pb2.GenerateRequest) -> tuple[str, Budgets]:
+        """(class name, budgets), or FieldError naming the first bad field."""
+        if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+            raise errors.FieldError(
+                "request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"
+            )
+        class_name, budgets = resolve_slo(request.slo, self.catalog, "slo")
+        kind = request.prompt.WhichOneof("kind")
+        if kind is None:
+            raise errors.FieldError("prompt", "is required: set text or token_ids")
+        if kind == "text" and not request.prompt.text.strip():
+            raise errors.FieldError("prompt.text", "must not be empty")
+        if kind == "token_ids" and not request.prompt.token_ids.ids:
+            raise errors.FieldError("prompt.token_ids", "must not be empty")
+        return class_name, budgets
+
+    # -- the request's life --------------------------------------------------------------
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """The response stream for `request`; raises GatewayError for an explicit error."""
+        arrival = time.time()
+        # Metrics labels: only known classes, so bad input cannot grow the label set.
+        requested = request.slo.class_name
+        class_name = requested if self.catalog.get(requested) is not None else "unknown"
+        if self.draining:
+            raise failures.unavailable("the gateway is draining", "DRAINING")
+        try:
+            class_name, budgets = self._check(request)
+        except errors.FieldError as bad:
+            self._record(class_name, "invalid", None)
+            raise failures.invalid(bad.field, bad.description) from None
+        forward = inference_pb2.GenerateRequest()
+        forward.CopyFrom(request)
+        # One id across every replica tried, so logs line up.
+        forward.request_id = request.request_id or f"gw-{uuid.uuid4().hex[:16]}"
+        forward.allow_best_effort = False  # best effort is the gateway's call (spillover)
+        stream = _Stream(forward.request_id, class_name, budgets, arrival)
+        shape = RequestShape(estimate_prompt_tokens(request.prompt), budgets.ttft_s)
+
+        self.in_flight += 1
+        self.idle.clear()
+        outcome = "error"
+        try:
+            rejections: list[_Retry] = []
+            async for response in self._route(forward, shape, stream, rejections):
+                yield response
+            if stream.started:
+                outcome = self._outcome(stream)
+                return
+            if not rejections:
+                raise failures.unavailable(self._no_replica_message(), "NO_REPLICA")
+            if not request.allow_best_effort:
+                raise self._rejection(rejections, class_name)
+            async for response in self._spill(forward, shape, stream, rejections[0].reason):
+                yield response
+            outcome = self._outcome(stream)
+        except GatewayError as error:
+            outcome = error.outcome
+            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.metrics.rejections.labels(class_name, error.details.reason).inc()
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            ttft = stream.token_times[0] - arrival if stream.token_times else None
+            self._record(class_name, outcome, ttft, spilled=bool(stream.spilled_reason))
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def _route(
+        self,
+        forward: inference_pb2.GenerateRequest,
+        shape: RequestShape,
+        stream: _Stream,
+        rejections: list[_Retry],
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Tries replicas in order until one serves the request; fills `rejections`."""
+        tried: set[str] = set()
+        while True:
+            fresh = [r for r in self.pool.in_rotation() if r.endpoint not in tried]
+            ranked = self.router.rank(fresh, shape)
+            if not ranked:
+                return
+            replica = ranked[0]
+            tried.add(replica.endpoint)
+            ticket = self.pool.ticket(replica, shape.prompt_tokens)
+            try:
+                async for response in self._attempt(ticket, forward, stream):
+                    yield response
+                return
+            except _Retry as retry:
+                self.metrics.rerouted.labels(retry.why).inc()
+                if retry.why == "rejected":
+                    self.metrics.replica_rejections.labels(replica.endpoint, retry.reason).inc()
+                    rejections.append(retry)
+
+    async def _spill(
+        self,
+        forward: inference_pb2.GenerateRequest,
+        shape: RequestShape,
+        stream: _Stream,
+        reason: str,
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Waits in the best-effort queue for a replica with room, then runs there."""
+        entry = Spilled(
+            request_id=stream.request_id,
+            class_name=stream.class_name,
+            deadline=stream.arrival + stream.budgets.ttft_s,
+            expires_at=time.monotonic() + self.queue.ttl_s,
+            shape=shape,
+            reason=reason or "UNSPECIFIED",
+        )
+        try:
+            self.queue.push(entry)
+        except QueueFull as full:
+            raise failures.rejected(
+                "QUEUE_FULL", str(full), full.retry_after_s, "queue_full"
+            ) from None
+        self.metrics.set_queue_depths(self.queue.depths())
+        stream.spilled_reason = entry.reason
+        self.metrics.spilled.labels(stream.class_name).inc()
+        best_effort = inference_pb2.GenerateRequest()
+        best_effort.CopyFrom(forward)
+        best_effort.allow_best_effort = True
+        self.drainer.poke()
+        while True:
+            ticket = await self._wait_for_room(entry)
+            try:
+                async for response in self._attempt(ticket, best_effort, stream):
+                    yield response
+                return
+            except _Retry as retry:
+                # The replica filled up (or went away) since it reported room: back in line,
+                # keeping its place (deadline) and its TTL.
+                self.metrics.rerouted.labels(retry.why).inc()
+                entry.granted = asyncio.get_running_loop().create_future()
+                self.queue.requeue(entry)
+                self.drainer.poke()
+
+    async def _wait_for_room(self, entry: Spilled) -> Ticket:
+        timeout = entry.expires_at - time.monotonic()
+        try:
+            return await asyncio.wait_for(entry.granted, max(0.0, timeout))
+        except TimeoutError:
+            self.queue.withdraw(entry)
+            raise failures.rejected(
+                "QUEUE_TIMEOUT",
+                f"waited {self.queue.ttl_s:.0f} s in the best-effort queue and no replica had room",
+                self.queue.ttl_s / 2,
+                "queue_timeout",
+            ) from None
+        except asyncio.CancelledError:
+            self.queue.withdraw(entry)
+            raise
+        finally:
+            self.metrics.set_queue_depths(self.queue.depths())
+
+    async def _attempt(
+        self, ticket: Ticket, forward: inference_pb2.GenerateRequest, stream: _Stream
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Streams from one replica. Raises _Retry when it can be retried elsewhere."""
+        replica = ticket.replica
+        call = replica.inference.Generate(forward)
+        responses = aiter(call)
+        try:
+            while True:
+                try:
+                    response = await asyncio.wait_for(
+                        anext(responses), self.settings.stall_timeout_s
+                    )
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    replica.call_failed("stalled")
+                    self._fail(
+                        replica, stream, f"sent nothing for {self.settings.stall_timeout_s} s"
+                    )
+                event = response.WhichOneof("event")
+                if event == "admission" and not stream.started:
+                    stream.admission = response  # held until the first token: see the top
+                    continue
+                if not stream.started:
+                    stream.started = True
+                    yield stream.admission_to_send()
+                if event == "delta" and response.delta.token_ids:
+                    ticket.first_token()
+                    now = time.time()
+                    stream.token_times.extend([now] * len(response.delta.token_ids))
+                elif event == "demotion":
+                    stream.demoted = True
+                elif event == "completion":
+                    self._judge_completion(response, stream)
+                    yield response
+                    return
+                yield response
+        except grpc.aio.AioRpcError as error:
+            self._replica_error(error, replica, stream)
+        finally:
+            call.cancel()
+            ticket.close()
+        # A stream that ends without a Completion is a broken replica.
+        self._fail(replica, stream, "ended the stream without a completion")
+
+    def _replica_error(
+        self, error: grpc.aio.AioRpcError, replica: ReplicaHandle, stream: _Stream
+    ) -> NoReturn:
+        """Raises _Retry for errors that are safe to retry elsewhere, else GatewayError."""
+        code = error.code()
+        status = errors.rich_status(error)  # passed on unchanged, rich details included
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not stream.started:
+            details = errors.status_details(status)
+            raise _Retry("rejected", details.reason, details.retry_after_s)
+        # A replica process that dies shows as UNAVAILABLE (connection lost) or CANCELLED
+        # (the server cancelled the call on its way down); the gateway never cancels a call
+        # it is still reading.
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            replica.call_failed(f"call failed: {error.details()}")
+            self._fail(replica, stream, f"is unavailable ({error.details()})")
+        outcome = _PASSED_ON_OUTCOMES.get(code, "error")
+        raise GatewayError(status, outcome)  # the replica's own answer, unchanged
+
+    def _fail(self, replica: ReplicaHandle, stream: _Stream, what: str) -> NoReturn:
+        """A replica failed: retry elsewhere if nothing was sent, else end the stream."""
+        if not stream.started:
+            log.warning("replica %s %s; re-routing %s", replica.endpoint, what, stream.request_id)
+            raise _Retry("unreachable")
+        delivered = len(stream.token_times)
+        raise failures.unavailable(
+            f"replica {replica.endpoint} failed mid-stream ({what}) after {delivered} tokens "
+            "were delivered; the generation cannot be resumed",
+            "REPLICA_FAILED",
+            tokens_delivered=str(delivered),
+            replica=replica.endpoint,
+        )
+
+    def _judge_completion(self, response: inference_pb2.GenerateResponse, stream: _Stream) -> None:
+        """Replaces the replica's SLO outcome with the gateway's, from the gateway's arrival."""
+        outcome = judge(stream.arrival, stream.token_times, stream.budgets)
+        in_class = not (stream.best_effort or stream.demoted)
+        completion = response.completion
+        completion.slo_outcome.CopyFrom(outcome_to_proto(outcome, admitted=in_class))
+        completion.latency.CopyFrom(duration(time.time() - stream.arrival))
+        class_name = stream.class_name
+        self.metrics.ttft.labels(class_name).observe(outcome.ttft_s)
+        if len(stream.token_times) > 1:
+            self.metrics.tpot.labels(class_name).observe(outcome.mean_tpot_s)
+
+    def _outcome(self, stream: _Stream) -> str:
+        if stream.best_effort or stream.demoted:
+            return BEST_EFFORT
+        outcome = judge(stream.arrival, stream.token_times, stream.budgets)
+        return ATTAINED if outcome.met else MISSED
+
+    def _rejection(self, rejections: list[_Retry], class_name: str) -> GatewayError:
+        """The first (best-ranked) replica's reason, and the soonest retry-after."""
+        hints = [r.retry_after_s for r in rejections if r.retry_after_s is not None]
+        reason = rejections[0].reason or "UNSPECIFIED"
+        return failures.rejected(
+            reason,
+            f"not admitted: no replica can meet this SLO now ({len(rejections)} tried; "
+            f"{reason.lower()})",
+            min(hints) if hints else 1.0,
+            "rejected",
+        )
+
+    def _no_replica_message(self) -> str:
+        now = time.monotonic()
+        replicas = self.pool.all()
+        if not replicas:
+            return "no replica is known"
+        why = ", ".join(
+            f"{r.endpoint}: {r.out_of_rotation_because(now, self.pool.stale_after_s) or 'failed'}"
+            for r in replicas
+        )
+        return f"no replica can take the request ({why})"
+
+    def _record(
+        self, class_name: str, outcome: str, ttft_s: float | None, spilled: bool = False
+    ) -> None:
+        self.metrics.requests.labels(class_name, outcome).inc()
+        attainment = self.summary.record(class_name, outcome, ttft_s, spilled)
+        if attainment is not None:
+            self.metrics.attainment.labels(class_name).set(attainment)

@@ -1,0 +1,339 @@
+"""The OpenAI-compatible HTTP front door (aiohttp), over the same dispatcher as gRPC.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming over SSE
+when `stream` is true), GET /v1/slo/summary (for operators), GET /healthz.
+
+Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`:
+400 names the bad field in `param`; 429 (not admitted, queue full) carries the reason in
+`code` and a Retry-After header; 503 when no replica can take requests. A stream that fails
+after it started ends with one `data: {"error": ...}` event instead of `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from sloserve.errors import FieldError
+from sloserve.gateway import openai_format as oai
+from sloserve.gateway.dispatch import Dispatcher
+from sloserve.gateway.failures import GatewayError
+from sloserve.protoconv import seconds
+from sloserve.v1 import inference_pb2, slo_pb2
+
+log = logging.getLogger(__name__)
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "slo_rejected",
+    503: "service_unavailable",
+    504: "deadline_exceeded",
+}
+
+
+def _error_body(status: int, message: str, param: str | None, code: str | None) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _field_error(bad: FieldError) -> web.Response:
+    return web.json_response(_error_body(400, str(bad), bad.field, None), status=400)
+
+
+@dataclass(frozen=True)
+class _HttpError:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def _gateway_error(error: GatewayError, prompt_field: str) -> _HttpError:
+    status = _HTTP_STATUS.get(error.code, 500)
+    details = error.details
+    headers: dict[str, str] = {}
+    if details.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(details.retry_after_s)))
+        headers["retry-after-ms"] = str(round(details.retry_after_s * 1000))
+    message = error.status.message
+    param = oai.body_field(details.field, prompt_field) if details.field else None
+    if param is not None and details.field != param:
+        message = f"{param}: {message.split(': ', 1)[-1]}"
+    return _HttpError(status, _error_body(status, message, param, details.reason or None), headers)
+
+
+@dataclass
+class _Generation:
+    """A GenerateResponse stream, accumulated."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    admission: inference_pb2.Admission | None = None
+    completion: inference_pb2.Completion | None = None
+
+    def feed(self, response: inference_pb2.GenerateResponse) -> str:
+        """Takes one response; returns the text it adds."""
+        event = response.WhichOneof("event")
+        if event == "admission":
+            self.admission = response.admission
+            self.prompt_tokens = response.admission.prompt_tokens
+        elif event == "delta":
+            self.text += response.delta.text
+            return response.delta.text
+        elif event == "completion":
+            self.completion = response.completion
+            self.finish_reason = oai.FINISH_REASONS.get(response.completion.finish_reason)
+            self.completion_tokens = response.completion.usage.completion_tokens
+        return ""
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def slo_report(self) -> dict[str, Any]:
+        """sloserve's extension of the response: how the request was served."""
+        report: dict[str, Any] = {}
+        if self.admission is not None:
+            report["mode"] = (
+                "best_effort"
+                if self.admission.mode == slo_pb2.ADMISSION_MODE_BEST_EFFORT
+                else "admitted"
+            )
+            report["slo_class"] = self.admission.class_name
+            report["request_id"] = self.admission.request_id
+        if self.completion is not None:
+            outcome = self.completion.slo_outcome
+            report |= {
+                "attained": outcome.attained,
+                "ttft_s": seconds(outcome.ttft),
+                "mean_tpot_s": seconds(outcome.mean_tpot),
+            }
+        return report
+
+
+class _Kind:
+    """What differs between /v1/completions and /v1/chat/completions."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self.prompt_field = "messages" if chat else "prompt"
+        self.max_tokens_field = "max_completion_tokens" if chat else "max_tokens"
+        self.id_prefix = "chatcmpl" if chat else "cmpl"
+
+    def prompt(self, body: dict[str, Any]) -> str | list[int]:
+        if self.chat:
+            return oai.render_chat(body.get("messages"))
+        if "prompt" not in body:
+            raise FieldError("prompt", "is required")
+        return oai.completion_prompt(body["prompt"])
+
+    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk_choice(
+        self, text: str, finish_reason: str | None, first: bool = False
+    ) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if first:
+                delta = {"role": "assistant", "content": text}
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+class HttpApi:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        model_names: list[str],
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._models = model_names
+        self._status = status
+        self._created = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/slo/summary", self.summary)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": name, "object": "model", "created": self._created, "owned_by": "sloserve"}
+            for name in self._models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def summary(self, request: web.Request) -> web.Response:
+        return web.json_response(self._status())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        serving = bool(self._dispatcher.pool.in_rotation()) and not self._dispatcher.draining
+        return web.json_response(
+            {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
+        )
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, _Kind(chat=False))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, _Kind(chat=True))
+
+    async def _serve(self, http: web.Request, kind: _Kind) -> web.StreamResponse:
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _field_error(FieldError("body", "must be JSON"))
+        try:
+            if not isinstance(body, dict):
+                raise FieldError("body", "must be a JSON object")
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise FieldError("model", "is required")
+            if model not in self._models:
+                message = f"model {model!r} is not served; served: {self._models}"
+                return web.json_response(
+                    _error_body(404, message, "model", "model_not_found"), status=404
+                )
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise FieldError("stream", "must be true or false")
+            prompt = kind.prompt(body)
+            generate = oai.generate_request(body, prompt, http.headers, kind.max_tokens_field)
+        except FieldError as bad:
+            return _field_error(bad)
+        responses = self._dispatcher.generate(generate)
+        try:
+            first = await anext(responses)
+        except GatewayError as error:
+            return self._error_response(_gateway_error(error, kind.prompt_field))
+        except StopAsyncIteration:
+            first = None
+        common = {
+            "id": f"{kind.id_prefix}-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": model,
+        }
+        if stream:
+            include_usage = _include_usage(body)
+            return await self._stream(http, kind, common, first, responses, include_usage)
+        return await self._collect(kind, common, first, responses)
+
+    def _error_response(self, error: _HttpError) -> web.Response:
+        return web.json_response(error.body, status=error.status, headers=error.headers)
+
+    async def _collect(
+        self,
+        kind: _Kind,
+        common: dict[str, Any],
+        first: inference_pb2.GenerateResponse | None,
+        rest: AsyncGenerator[inference_pb2.GenerateResponse, None],
+    ) -> web.Response:
+        generation = _Generation()
+        try:
+            if first is not None:
+                generation.feed(first)
+            async for response in rest:
+                generation.feed(response)
+        except GatewayError as error:
+            return self._error_response(_gateway_error(error, kind.prompt_field))
+        finally:
+            await rest.aclose()  # the client went away: cancel the replica's work too
+        return web.json_response(
+            common
+            | {
+                "object": kind.object,
+                "choices": [kind.choice(generation.text, generation.finish_reason)],
+                "usage": generation.usage(),
+                "sloserve": generation.slo_report(),
+            }
+        )
+
+    async def _stream(
+        self,
+        http: web.Request,
+        kind: _Kind,
+        common: dict[str, Any],
+        first: inference_pb2.GenerateResponse | None,
+        rest: AsyncGenerator[inference_pb2.GenerateResponse, None],
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        sse = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await sse.prepare(http)
+        chunk = common | {"object": kind.chunk_object}
+
+        async def send(data: dict[str, Any]) -> None:
+            await sse.write(f"data: {json.dumps(data)}\n\n".encode())
+
+        generation = _Generation()
+        sent_first = False
+        try:
+            responses = _chain(first, rest)
+            async for response in responses:
+                text = generation.feed(response)
+                if text or (kind.chat and not sent_first and generation.admission is not None):
+                    await send(chunk | {"choices": [kind.chunk_choice(text, None, not sent_first)]})
+                    sent_first = True
+            await send(
+                chunk
+                | {
+                    "choices": [kind.chunk_choice("", generation.finish_reason)],
+                    "sloserve": generation.slo_report(),
+                }
+            )
+            if include_usage:
+                await send(chunk | {"choices": [], "usage": generation.usage()})
+            await sse.write(b"data: [DONE]\n\n")
+        except GatewayError as error:
+            await send(_gateway_error(error, kind.prompt_field).body)
+        finally:
+            await rest.aclose()
+        await sse.write_eof()
+        return sse
+
+
+async def _chain(
+    first: inference_pb2.GenerateResponse | None,
+    rest: AsyncIterator[inference_pb2.GenerateResponse],
+) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    if first is not None:
+        yield first
+    async for response in rest:
+        yield response
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True

@@ -1,0 +1,239 @@
+"""The replicas the gateway can route to: one channel and one load watch per replica.
+
+Each replica streams LoadReports (ReplicaControl.WatchLoad). A replica is in rotation while
+its watch is connected, its latest report is fresh and says ready and not draining, and no
+call to it has failed since that report. A broken watch is re-opened with exponential
+backoff, so a replica that comes back is back in rotation with its first report.
+
+Load reports arrive once per interval; between them the gateway adds what it sent itself
+(`Outstanding`), so a burst within one interval does not all land on the same replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from sloserve.protoconv import duration
+from sloserve.v1 import inference_pb2_grpc, replica_control_pb2, replica_control_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 2.0
+
+# gRPC's own reconnect backoff grows to 120 s by default: far too slow to notice a replica
+# that restarted. Ours is short, and the watch loop adds its own backoff on top.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_S * 1000)),
+)
+
+
+@dataclass
+class Outstanding:
+    """What the gateway itself has sent to a replica and not seen finish."""
+
+    in_flight: int = 0
+    # Requests with no first token yet, and their (estimated) prompt tokens: work that is
+    # ahead of the next request's first token, possibly not yet in a load report.
+    awaiting_first_token: int = 0
+    awaiting_prompt_tokens: int = 0
+
+
+class Ticket:
+    """One request on one replica; keeps the replica's `Outstanding` counts honest."""
+
+    def __init__(self, handle: ReplicaHandle, prompt_tokens: int) -> None:
+        self.replica = handle
+        self._handle = handle
+        self._prompt_tokens = prompt_tokens
+        self._awaiting = True
+        self._open = True
+        o = handle.outstanding
+        o.in_flight += 1
+        o.awaiting_first_token += 1
+        o.awaiting_prompt_tokens += prompt_tokens
+
+    def first_token(self) -> None:
+        if self._awaiting:
+            self._awaiting = False
+            o = self._handle.outstanding
+            o.awaiting_first_token -= 1
+            o.awaiting_prompt_tokens -= self._prompt_tokens
+
+    def close(self) -> None:
+        if self._open:
+            self.first_token()
+            self._open = False
+            self._handle.outstanding.in_flight -= 1
+            self._handle.finished()
+
+
+class ReplicaHandle:
+    """One replica: its stubs, latest load report, and what the gateway has on it."""
+
+    def __init__(self, endpoint: str, on_finished: Callable[[], None]) -> None:
+        self.endpoint = endpoint
+        self.channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self.control = replica_control_pb2_grpc.ReplicaControlStub(self.channel)
+        self.report: replica_control_pb2.LoadReport | None = None
+        self.report_at = 0.0  # time.monotonic() of the latest report
+        self.watching = False
+        self.failure = "no load report yet"  # why it is out of rotation; "" when it is not
+        self.outstanding = Outstanding()
+        self.removed = False
+        self._on_finished = on_finished
+
+    def accept(self, report: replica_control_pb2.LoadReport) -> None:
+        self.report = report
+        self.report_at = time.monotonic()
+        self.watching = True
+        self.failure = ""
+
+    def lose(self, why: str) -> None:
+        """The watch broke or a call found the replica unreachable: out of rotation until
+        the next load report."""
+        self.watching = False
+        self.failure = why
+
+    def call_failed(self, why: str) -> None:
+        self.failure = why
+
+    def finished(self) -> None:
+        self._on_finished()
+
+    def out_of_rotation_because(self, now: float, stale_after_s: float) -> str:
+        """Why the replica takes no new requests now; "" when it is in rotation."""
+        if self.removed:
+            return "removed"
+        if self.failure:
+            return self.failure
+        if self.report is None or not self.watching:
+            return "no load report"
+        if now - self.report_at > stale_after_s:
+            return f"no load report for {now - self.report_at:.1f} s"
+        if not self.report.ready:
+            return "engine not ready"
+        if self.report.draining:
+            return "draining"
+        return ""
+
+
+class ReplicaPool:
+    """All replicas, their load watches, and the listeners told when capacity may have
+    changed (a new report, a finished request, a replica joining or leaving)."""
+
+    def __init__(self, report_interval_s: float = 0.25) -> None:
+        self.report_interval_s = report_interval_s
+        # A replica silent for a few intervals (hung, or a partitioned network) is out.
+        self.stale_after_s = max(1.0, 4 * report_interval_s)
+        self._replicas: dict[str, ReplicaHandle] = {}
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._closing: set[asyncio.Task[None]] = set()  # channels closing once idle
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    @property
+    def endpoints(self) -> list[str]:
+        return sorted(self._replicas)
+
+    def get(self, endpoint: str) -> ReplicaHandle | None:
+        return self._replicas.get(endpoint)
+
+    def all(self) -> list[ReplicaHandle]:
+        return [self._replicas[e] for e in self.endpoints]
+
+    def in_rotation(self) -> list[ReplicaHandle]:
+        now = time.monotonic()
+        return [h for h in self.all() if not h.out_of_rotation_because(now, self.stale_after_s)]
+
+    def ticket(self, handle: ReplicaHandle, prompt_tokens: int) -> Ticket:
+        return Ticket(handle, prompt_tokens)
+
+    def add(self, endpoint: str) -> None:
+        if endpoint in self._replicas:
+            return
+        handle = ReplicaHandle(endpoint, self._notify)
+        self._replicas[endpoint] = handle
+        self._watches[endpoint] = asyncio.create_task(self._watch(handle), name=f"watch {endpoint}")
+        log.info("replica %s added", endpoint)
+        self._notify()
+
+    async def remove(self, endpoint: str) -> None:
+        """Takes a replica out for good; its requests in flight finish first."""
+        handle = self._replicas.pop(endpoint, None)
+        if handle is None:
+            return
+        handle.removed = True
+        watch = self._watches.pop(endpoint)
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        log.info("replica %s removed", endpoint)
+        self._notify()
+        # grace=None would cut the streams still in flight; they keep the channel alive.
+        closing = asyncio.create_task(self._close_when_idle(handle))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def apply(self, endpoints: Iterable[str]) -> None:
+        """Makes the pool hold exactly `endpoints` (what discovery says exists now)."""
+        wanted = set(endpoints)
+        for endpoint in sorted(wanted - set(self._replicas)):
+            self.add(endpoint)
+        for endpoint in sorted(set(self._replicas) - wanted):
+            await self.remove(endpoint)
+
+    async def close(self) -> None:
+        for endpoint in list(self._replicas):
+            handle = self._replicas.pop(endpoint)
+            handle.removed = True
+            watch = self._watches.pop(endpoint)
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            await handle.channel.close()
+
+    async def _close_when_idle(self, handle: ReplicaHandle) -> None:
+        while handle.outstanding.in_flight > 0:
+            await asyncio.sleep(0.1)
+        await handle.channel.close()
+
+    async def _watch(self, handle: ReplicaHandle) -> None:
+        backoff = MIN_BACKOFF_S
+        request = replica_control_pb2.WatchLoadRequest(interval=duration(self.report_interval_s))
+        while True:
+            call = handle.control.WatchLoad(request)
+            try:
+                async for response in call:
+                    if handle.failure:
+                        log.info("replica %s in rotation", handle.endpoint)
+                    handle.accept(response.report)
+                    backoff = MIN_BACKOFF_S
+                    self._notify()
+                why = "load watch ended"
+            except grpc.aio.AioRpcError as error:
+                why = f"load watch failed: {error.code().name}"
+            finally:
+                call.cancel()
+            if not handle.failure:
+                log.warning("replica %s out of rotation: %s", handle.endpoint, why)
+            handle.lose(why)
+            self._notify()
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, MAX_BACKOFF_S)

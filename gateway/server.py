@@ -1,0 +1,186 @@
+"""The gateway process: both front doors, the replica pool, and a SIGTERM drain.
+
+Life cycle:
+1. gRPC (Inference, health, reflection), HTTP and metrics servers start at once; health
+   says SERVING while at least one replica is in rotation.
+2. SIGTERM (or SIGINT): health says NOT_SERVING, new requests get UNAVAILABLE (HTTP 503),
+   requests in flight (queued ones included) finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sloserve.gateway.discovery import StaticDiscovery, follow
+from sloserve.gateway.dispatch import Dispatcher, DispatchSettings
+from sloserve.gateway.grpc_service import GatewayInference
+from sloserve.gateway.http_api import HttpApi
+from sloserve.gateway.metrics import GatewayMetrics
+from sloserve.gateway.replica_pool import ReplicaPool
+from sloserve.gateway.routing import Router
+from sloserve.gateway.slo_summary import BUDGETS_KEY, SloSummary
+from sloserve.gateway.spillover import SpilloverDrainer, SpilloverQueue
+from sloserve.slo import SloCatalog
+from sloserve.v1 import inference_pb2_grpc
+
+log = logging.getLogger("sloserve.gateway")
+
+INFERENCE_SERVICE = "sloserve.v1.Inference"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    replicas: tuple[str, ...]
+    host: str = "0.0.0.0"
+    port: int = 50050
+    http_port: int | None = 8000  # None: no HTTP front door
+    metrics_port: int | None = 9500  # None: no metrics endpoint
+    routing: str = "slack"
+    classes_file: Path | None = None  # None: the built-in default classes
+    model_names: tuple[str, ...] = ("sloserve",)  # names the HTTP API answers to
+    queue_capacity: int = 64  # best-effort queue bound, per SLO class
+    queue_ttl_s: float = 30.0
+    spill_max_in_flight: int = 4  # a replica takes spilled work below this many requests
+    report_interval_s: float = 0.25
+    stall_timeout_s: float = 60.0
+    drain_timeout_s: float = 300.0
+
+
+def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
+    """GET /v1/slo/summary: per-class SLO tallies, the queue, and each replica's state."""
+    pool, now = dispatcher.pool, time.monotonic()
+    replicas = []
+    for r in pool.all():
+        why_out = r.out_of_rotation_because(now, pool.stale_after_s)
+        report = r.report
+        replicas.append(
+            {
+                "endpoint": r.endpoint,
+                "in_rotation": not why_out,
+                "out_of_rotation_because": why_out or None,
+                "gateway_in_flight": r.outstanding.in_flight,
+                "load": None
+                if report is None
+                else {
+                    "running": report.running,
+                    "waiting": report.waiting,
+                    "kv_cache_usage": report.kv_cache_usage,
+                    "pending_prefill_tokens": report.pending_prefill_tokens,
+                },
+            }
+        )
+    return {
+        "routing": dispatcher.router.policy,
+        "draining": dispatcher.draining,
+        "in_flight": dispatcher.in_flight,
+        "classes": dispatcher.summary.to_json(),
+        "queue": {
+            "depth": {name or BUDGETS_KEY: n for name, n in dispatcher.queue.depths().items()},
+            "capacity_per_class": dispatcher.queue.capacity_per_class,
+            "ttl_s": dispatcher.queue.ttl_s,
+        },
+        "replicas": replicas,
+    }
+
+
+def _publish_health(servicer: Any, dispatcher: Dispatcher) -> None:
+    serving = bool(dispatcher.pool.in_rotation()) and not dispatcher.draining
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for service in ("", INFERENCE_SERVICE):
+        servicer.set(service, status)
+
+
+async def serve(settings: GatewaySettings) -> int:
+    """Runs the gateway until SIGTERM/SIGINT; returns the process exit code."""
+    catalog = (
+        SloCatalog.load(settings.classes_file) if settings.classes_file else SloCatalog.default()
+    )
+    discovery = StaticDiscovery(settings.replicas)
+    router = Router(settings.routing)
+    pool = ReplicaPool(settings.report_interval_s)
+    metrics = GatewayMetrics()
+    queue = SpilloverQueue(settings.queue_capacity, settings.queue_ttl_s)
+    drainer = SpilloverDrainer(
+        queue, pool, router, settings.spill_max_in_flight, metrics.set_queue_depths
+    )
+    dispatcher = Dispatcher(
+        pool,
+        router,
+        catalog,
+        queue,
+        drainer,
+        metrics,
+        SloSummary(),
+        DispatchSettings(stall_timeout_s=settings.stall_timeout_s),
+    )
+    metrics.bind_rotation(lambda: len(pool.in_rotation()))
+
+    # No SO_REUSEPORT: a second gateway on the same port must fail, not share the traffic.
+    server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+    inference_pb2_grpc.add_InferenceServicer_to_server(GatewayInference(dispatcher), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    _publish_health(health_servicer, dispatcher)
+    pool.subscribe(lambda: _publish_health(health_servicer, dispatcher))
+    await server.start()
+    log.info("gRPC on %s:%d (routing: %s)", settings.host, port, settings.routing)
+
+    runner: web.AppRunner | None = None
+    if settings.http_port is not None:
+        api = HttpApi(dispatcher, list(settings.model_names), lambda: status_json(dispatcher))
+        # Cancel a handler whose client went away, so its replica stops generating too.
+        runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.http_port).start()
+        log.info("HTTP (OpenAI API) on http://%s:%d/v1", settings.host, settings.http_port)
+    if settings.metrics_port is not None:
+        metrics_port = metrics.serve(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
+
+    background = [
+        asyncio.create_task(follow(discovery, pool), name="discovery"),
+        asyncio.create_task(drainer.run(), name="spillover drainer"),
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    dispatcher.draining = True
+    _publish_health(health_servicer, dispatcher)
+    log.info("draining: %d request(s) in flight", dispatcher.in_flight)
+    try:
+        await asyncio.wait_for(dispatcher.idle.wait(), settings.drain_timeout_s)
+    except TimeoutError:
+        log.warning("drain timed out with %d request(s) in flight", dispatcher.in_flight)
+    await server.stop(grace=1)
+    if runner is not None:
+        await runner.cleanup()
+    for task in background:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await pool.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,268 @@
+"""Faults behind the gateway: a replica killed mid-run, a replica that fails every call (an
+injected fault), a replica coming back, and the gateway's own SIGTERM drain. No client may
+hang: every call has a timeout, and every request ends complete or with an explicit error."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Gateway, Replica, free_port, metric_sum, start_replica
+
+from sloserve.client import Client, GenerationResult, build_request
+from sloserve.errors import SloserveError, UnavailableError
+from sloserve.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    replica_control_pb2,
+    replica_control_pb2_grpc,
+)
+
+pytestmark = pytest.mark.engine
+
+PROMPT = list(range(10, 60))
+TIMEOUT_S = 120
+
+
+def summary(gateway: Gateway) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{gateway.base_url}/slo/summary", timeout=5) as response:
+        data: dict[str, Any] = json.load(response)
+    return data
+
+
+def wait_for_rotation(gateway: Gateway, endpoint: str, in_rotation: bool) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        states = {r["endpoint"]: r["in_rotation"] for r in summary(gateway)["replicas"]}
+        if states[endpoint] == in_rotation:
+            return
+        assert time.monotonic() < deadline, f"{endpoint} in rotation is not {in_rotation}"
+        time.sleep(0.1)
+
+
+@dataclass
+class Watched:
+    """One streaming request, run in a thread: what it received and how it ended."""
+
+    tokens: int = 0
+    result: GenerationResult | None = None
+    error: SloserveError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, endpoint: str, max_tokens: int) -> None:
+        result = GenerationResult(sent_at=time.time())
+        request = build_request(PROMPT, slo_class="chat", max_tokens=max_tokens, ignore_eos=True)
+        try:
+            with Client(endpoint, timeout_s=TIMEOUT_S) as client:
+                for response in client.stream(request):
+                    result.feed(response, time.time())
+                    self.tokens = len(result.token_ids)
+            self.result = result
+        except SloserveError as error:
+            self.error = error
+        finally:
+            self.done.set()
+
+
+# -- a replica killed during a run --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def victim(tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    server = start_replica(tmp_path_factory.mktemp("victim"), ["--profile", str(tiny_profile)])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    replica: Replica, victim: Replica, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    server = Gateway(
+        workdir=tmp_path_factory.mktemp("faults-gateway"),
+        replicas=[replica.endpoint, victim.endpoint],
+    )
+    server.start()
+    try:
+        server.wait_serving()
+        wait_for_rotation(server, victim.endpoint, True)
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+def test_killing_a_replica_ends_its_streams_explicitly_and_reroutes_new_requests(
+    gateway: Gateway, replica: Replica, victim: Replica
+) -> None:
+    streams = [Watched() for _ in range(4)]
+    threads = [
+        threading.Thread(target=s.run, args=(gateway.endpoint, 900), daemon=True) for s in streams
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while not all(s.tokens > 0 for s in streams):
+        assert time.monotonic() < deadline, "streams did not start"
+        time.sleep(0.05)
+    # Slack routing put two streams on each replica.
+    assert victim.process is not None
+    victim.process.kill()  # SIGKILL: no drain, connections just drop
+
+    # Requests sent right after the kill: none may be lost or hang.
+    with Client(gateway.endpoint, timeout_s=TIMEOUT_S) as client, ThreadPoolExecutor(4) as pool:
+        later = list(
+            pool.map(
+                lambda _: client.generate(PROMPT, slo_class="chat", max_tokens=4, ignore_eos=True),
+                range(4),
+            )
+        )
+    assert all(r.completion_tokens == 4 for r in later)
+
+    for stream in streams:
+        assert stream.done.wait(TIMEOUT_S), "a client hangs"
+    failed = [s for s in streams if s.error is not None]
+    completed = [s for s in streams if s.result is not None]
+    assert failed, "no stream was on the killed replica"
+    assert completed, "the surviving replica's streams must complete"
+    for stream in failed:
+        assert isinstance(stream.error, UnavailableError)
+        # The error says how many tokens the client got before the replica died.
+        assert f"after {stream.tokens} tokens were delivered" in stream.error.message
+        assert victim.endpoint in stream.error.message
+    for stream in completed:
+        assert stream.result is not None and stream.result.completion_tokens == 900
+    wait_for_rotation(gateway, victim.endpoint, False)
+    assert metric_sum(gateway.metrics_url, "sloserve_gateway_replicas_in_rotation") == 1
+
+
+def test_a_replica_that_comes_back_rejoins_the_rotation(gateway: Gateway, victim: Replica) -> None:
+    assert victim.process is not None and victim.process.poll() is not None  # killed above
+    victim.start()  # the same port: the gateway keeps watching it with backoff
+    victim.wait_until("SERVING")
+    wait_for_rotation(gateway, victim.endpoint, True)
+    before = metric_sum(victim.metrics_url, "sloserve_requests_total")
+    with Client(gateway.endpoint, timeout_s=TIMEOUT_S) as client, ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(lambda _: client.generate(PROMPT, slo_class="chat", max_tokens=16), range(4))
+        )
+    assert all(r.completion_tokens >= 1 for r in results)
+    assert metric_sum(victim.metrics_url, "sloserve_requests_total") > before
+
+
+# -- an injected fault: a replica that reports ready but fails every call ------------------
+
+
+class _BrokenInference(inference_pb2_grpc.InferenceServicer):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[inference_pb2.GenerateResponse]:
+        self.calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault: connection lost")
+        yield inference_pb2.GenerateResponse()  # not reached
+
+
+class _HealthyLooking(replica_control_pb2_grpc.ReplicaControlServicer):
+    def WatchLoad(
+        self, request: replica_control_pb2.WatchLoadRequest, context: grpc.ServicerContext
+    ) -> Iterator[replica_control_pb2.WatchLoadResponse]:
+        while context.is_active():
+            yield replica_control_pb2.WatchLoadResponse(
+                report=replica_control_pb2.LoadReport(ready=True)
+            )
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def broken_replica() -> Iterator[tuple[str, _BrokenInference]]:
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    inference = _BrokenInference()
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
+    replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_HealthyLooking(), server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", inference
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_request_with_no_tokens_sent_is_rerouted_transparently(
+    replica: Replica,
+    broken_replica: tuple[str, _BrokenInference],
+    tmp_path: Path,
+) -> None:
+    broken_endpoint, broken = broken_replica
+    # Round robin: every other request goes to the broken replica first.
+    gateway = Gateway(
+        workdir=tmp_path,
+        replicas=[broken_endpoint, replica.endpoint],
+        args=["--routing", "round-robin"],
+    )
+    gateway.start()
+    try:
+        gateway.wait_serving()
+        wait_for_rotation(gateway, broken_endpoint, True)
+        wait_for_rotation(gateway, replica.endpoint, True)
+        with Client(gateway.endpoint, timeout_s=TIMEOUT_S) as client:
+            results = []
+            for _ in range(4):
+                results.append(client.generate(PROMPT, slo_class="chat", max_tokens=4))
+                wait_for_rotation(gateway, broken_endpoint, True)  # back after its next report
+        assert all(r.completion_tokens >= 1 for r in results)
+        assert broken.calls >= 1, "the broken replica was never tried"
+        rerouted = metric_sum(
+            gateway.metrics_url, "sloserve_gateway_rerouted_total", why="unreachable"
+        )
+        assert rerouted == broken.calls
+    finally:
+        assert gateway.stop() == 0
+
+
+# -- the gateway's SIGTERM drain ------------------------------------------------------------
+
+
+def test_sigterm_drains_the_gateway(replica: Replica, tmp_path: Path) -> None:
+    gateway = Gateway(workdir=tmp_path, replicas=[replica.endpoint])
+    gateway.start()
+    try:
+        gateway.wait_serving()
+        stream = Watched()
+        thread = threading.Thread(target=stream.run, args=(gateway.endpoint, 200), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while stream.tokens == 0:
+            assert time.monotonic() < deadline, "the stream did not start"
+            time.sleep(0.02)
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while gateway.serving():
+            assert time.monotonic() < deadline, "health still SERVING while draining"
+            time.sleep(0.02)
+        # New requests are refused while the one in flight finishes ...
+        with Client(gateway.endpoint, timeout_s=10) as client, pytest.raises(UnavailableError):
+            client.generate(PROMPT, max_tokens=4)
+        # ... and the process then exits cleanly.
+        assert stream.done.wait(TIMEOUT_S)
+        assert stream.error is None and stream.result is not None
+        assert stream.result.completion_tokens == 200
+        assert gateway.process.wait(TIMEOUT_S) == 0
+    finally:
+        gateway.stop()
