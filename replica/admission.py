@@ -209,7 +209,7 @@ class AdmissionController:
         if batch.count and not math.isinf(tpot):
             shape = StepShape(batch.count, batch.count, batch.context + batch.count)
             step = self.model.predict(shape)
-            if step * self.limits.decode_scale > tpot or batch.count > s.max_running:
+            if self.limits.decode_line(step) > tpot or batch.count > s.max_running:
                 return None
         return late
 

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sloserve.replica.live_fit import LiveLine
 from sloserve.replica.slo_request import SloRequest
 from sloserve.stepmodel import StepShape, StepTimeModel
 
@@ -63,8 +64,9 @@ class LiveLimits:
     # Time each engine step takes beyond the model's prediction: the engine loop's own work
     # (scheduling, output processing, IPC) plus any bias of the model, measured live.
     overhead_s: float = 0.0
-    # Actual / predicted time of steps of decodes alone, loop overhead included (live).
-    decode_scale: float = 1.0
+    # Actual time of steps of decodes alone against their predicted time, loop overhead
+    # included (live; see live_fit.py).
+    decode_line: LiveLine = field(default_factory=LiveLine)
     # What a step's predicted time is multiplied by: the settings' value until the live
     # residuals of enough steps are known (SloPolicy.observe_step).
     safety_factor: float = 1.1

@@ -118,14 +118,13 @@ class SloPolicy:
         """Learns the engine loop's time per step beyond the model's prediction, from steps
         that ran back to back (`actual_s`: from one step's start to the next one's).
 
-        Steps of decodes alone also teach `decode_scale`: the model is fitted mostly on
+        Steps of decodes alone also teach `decode_line`: the model is fitted mostly on
         prefill-heavy steps, and how fast a decode batch really runs decides how many
         decodes can keep a TPOT.
         """
         limits = self.limits
         if decode_only and predicted_s > 0:
-            ratio = min(actual_s / predicted_s, 3.0)
-            limits.decode_scale += OVERHEAD_SMOOTHING * (ratio - limits.decode_scale)
+            limits.decode_line.observe(predicted_s, min(actual_s, 3.0 * predicted_s))
         if predicted_s > 0:
             # How far off the full prediction (with the overhead learned so far) was: the
             # safety factor covers LIVE_RESIDUAL_QUANTILE of these, once there are enough.

@@ -224,7 +224,8 @@ class SloPolicyMixin:
                 planned=plan.tokens, limit_s=plan.time_limit_s, predicted_s=plan.predicted_s,
                 running=len(self.running), waiting=len(self.waiting), plan_s=self._last_plan_s,
                 overhead_s=policy.limits.overhead_s, safety=policy.limits.safety_factor,
-                decode_scale=policy.limits.decode_scale,
+                decode_intercept_s=policy.limits.decode_line.intercept_s,
+                decode_slope=policy.limits.decode_line.slope,
             )  # fmt: skip
         self._last_step = None
         if policy is not None and output.total_num_scheduled_tokens > 0:
