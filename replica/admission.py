@@ -42,6 +42,10 @@ QUEUE_LATE_ALLOWANCE = 0.25
 class Verdict:
     mode: Mode | None  # None: rejected
     reason: Reason = Reason.NONE
+    # Which check decided against the request, for traces: "memory", "hopeless" (late even
+    # served first), "tpot" (the decode batch cannot keep it), "queue" (the queue ahead makes
+    # it too late), "others" (it would make an admitted request late).
+    check: str = ""
 
     @property
     def rejected(self) -> bool:
@@ -99,14 +103,15 @@ class AdmissionController:
     def decide(self, now: float, candidate: SloRequest, admitted: Sequence[SloRequest]) -> Verdict:
         """The verdict for `candidate`, given the requests already in the engine."""
         held = [r for r in admitted if r.admitted and r is not candidate]
-        reason = self._memory(candidate, held)
+        reason, check = self._memory(candidate, held), "memory"
         if reason is Reason.NONE:
-            reason = self._compute(now, candidate, held)
+            check = self._compute(now, candidate, held)
+            reason = Reason.COMPUTE if check else Reason.NONE
         if reason is Reason.NONE:
             return ADMIT
         if candidate.slo.allow_best_effort:
-            return Verdict(Mode.BEST_EFFORT, reason)
-        return Verdict(None, reason)
+            return Verdict(Mode.BEST_EFFORT, reason, check)
+        return Verdict(None, reason, check)
 
     # -- memory --------------------------------------------------------------------------
 
@@ -120,8 +125,9 @@ class AdmissionController:
 
     # -- compute -------------------------------------------------------------------------
 
-    def _compute(self, now: float, candidate: SloRequest, held: Sequence[SloRequest]) -> Reason:
-        """COMPUTE when the candidate cannot be served in time even first, when it would make
+    def _compute(self, now: float, candidate: SloRequest, held: Sequence[SloRequest]) -> str:
+        """The check that turns the candidate away for lack of compute ("" when none does):
+        it is turned away when it cannot be served in time even first, when it would make
         an admitted request late that would otherwise be on time, or when the decode batch
         could no longer keep its TPOT.
 
@@ -134,7 +140,7 @@ class AdmissionController:
         admission makes.
         """
         if self._hopeless(now, candidate):
-            return Reason.COMPUTE
+            return "hopeless"
         batch = _DecodeBatch(self._decoders(now, held))
         queue = [r for r in held if r.output_tokens == 0]
         without = self._late_requests(now, batch.copy(), queue)
@@ -147,14 +153,14 @@ class AdmissionController:
                 batch.add(decoder)
         with_candidate = self._late_requests(now, batch, queue)
         if with_candidate is None or alone is None:
-            return Reason.COMPUTE
+            return "tpot"
         lateness = with_candidate.pop(candidate.request_id, 0.0)
         queue_lateness = lateness - alone.get(candidate.request_id, 0.0)
         if queue_lateness > QUEUE_LATE_ALLOWANCE * candidate.budgets.ttft_s:
-            return Reason.COMPUTE
+            return "queue"
         if without is not None and not with_candidate.keys() <= without.keys():
-            return Reason.COMPUTE
-        return Reason.NONE
+            return "others"
+        return ""
 
     def _hopeless(self, now: float, candidate: SloRequest) -> bool:
         alone = self.model.prefill_s(candidate.prefill_left, self.settings.max_step_tokens)
@@ -203,15 +209,28 @@ class AdmissionController:
             first_due = max(request.ttft_deadline, t) + own_tpot
             leaves = t + self._decode_left(request) * own_tpot
             batch.add((leaves, own_tpot, first_due, request.prompt_tokens))
-        # The largest decode batch the horizon sees must keep the tightest TPOT.
+        # The largest decode batch the horizon sees must keep every stream on time.
         batch.advance(t)
-        tpot = batch.tightest_tpot()
-        if batch.count and not math.isinf(tpot):
-            shape = StepShape(batch.count, batch.count, batch.context + batch.count)
-            step = self.model.predict(shape)
-            if self.limits.decode_line(step) > tpot or batch.count > s.max_running:
-                return None
+        if batch.count > s.max_running or not self._keeps_pace(batch, t):
+            return None
         return late
+
+    def _keeps_pace(self, batch: _DecodeBatch, t: float) -> bool:
+        """Whether steps of the whole batch keep each decode on its deadline line to its end.
+
+        A step slower than a stream's TPOT is no miss yet: the judge's line is cumulative, so
+        a stream ahead of it (an early first token) can spend that lead on slow steps until it
+        has produced its expected output.
+        """
+        if not batch.count:
+            return True
+        shape = StepShape(batch.count, batch.count, batch.context + batch.count)
+        step = self.limits.decode_line(self.model.predict(shape))
+        for leaves, tpot, deadline, _ in batch.alive():
+            excess = step - tpot
+            if excess > 0 and (leaves - t) / tpot * excess > max(0.0, deadline - t):
+                return False
+        return True
 
     def _decode_left(self, request: SloRequest) -> int:
         expected = self.lengths.expected(request.slo.class_name, request.max_tokens)
@@ -221,7 +240,7 @@ class AdmissionController:
         self, tokens: int, batch: int, context: int, tpot: float, slack: float
     ) -> tuple[float, float] | None:
         """How long the planner takes to prefill `tokens` alongside `batch` decodes, and the
-        decodes' slack left after it; None when the decodes cannot keep their TPOT.
+        decodes' slack left after it; None when the decodes cannot keep their deadlines.
 
         With k steps the segment lasts H = k * c0 + tokens * c1 (c0: a step's cost with the
         decodes alone, c1: the cost of one more prompt token). Steps are at most
@@ -243,8 +262,9 @@ class AdmissionController:
         duration = steps * c0 + tokens * c1
         if batch == 0 or math.isinf(tpot):
             return duration, slack
-        if c0 >= tpot:
-            return None
+        if c0 >= tpot:  # the decodes fall behind at every step: their lead pays for it
+            lead = slack + steps * tpot - duration
+            return None if lead < 0 else (duration, lead)
         bound = (tokens * c1 - slack * c0 / tpot) / (1 - c0 / tpot)
         if bound > duration:
             steps_taken = (bound - tokens * c1) / c0
@@ -276,6 +296,7 @@ class _DecodeBatch:
         self.t = -math.inf
         self.count = 0
         self.context = 0
+        self._all: list[_Decoder] = []
         self._leaving: list[tuple[float, int]] = []
         self._tpots: list[tuple[float, float]] = []
         self._deadlines: list[tuple[float, float]] = []
@@ -288,12 +309,18 @@ class _DecodeBatch:
     def copy(self) -> _DecodeBatch:
         twin = _DecodeBatch(())
         twin.t, twin.count, twin.context = self.t, self.count, self.context
+        twin._all = self._all.copy()
         twin._leaving = self._leaving.copy()
         twin._tpots = self._tpots.copy()
         twin._deadlines = self._deadlines.copy()
         return twin
 
+    def alive(self) -> list[_Decoder]:
+        """The decoders that have not left by the current time."""
+        return [d for d in self._all if d[0] > self.t]
+
     def _push(self, decoder: _Decoder) -> None:
+        self._all.append(decoder)
         leaves, tpot, deadline, context = decoder
         self._leaving.append((leaves, context))
         self._tpots.append((tpot, leaves))
@@ -305,6 +332,7 @@ class _DecodeBatch:
         leaves, tpot, deadline, context = decoder
         if leaves <= self.t:
             return
+        self._all.append(decoder)
         heapq.heappush(self._leaving, (leaves, context))
         heapq.heappush(self._tpots, (tpot, leaves))
         heapq.heappush(self._deadlines, (deadline, leaves))

@@ -165,21 +165,23 @@ class SloPolicyMixin:
             event = "rejected"
         else:
             event = "admitted" if verdict.mode is Mode.ADMITTED else "best_effort"
-        self._report_verdict(tracked, event, verdict.reason)
+        self._report_verdict(tracked, event, verdict.reason, verdict.check)
         if verdict.rejected:
             reason = REJECTED_PREFIX + verdict.reason.value
             self._outbox.append((request.client_index, request.request_id, reason))
             return False
         return True
 
-    def _report_verdict(self, tracked: SloRequest, event: str, reason: Reason) -> None:
+    def _report_verdict(
+        self, tracked: SloRequest, event: str, reason: Reason, check: str = ""
+    ) -> None:
         reason_name = "" if reason is Reason.NONE else reason.value
         slo = tracked.slo
         if self._reports is not None:
             self._reports.send(VerdictRecord(slo.request_id, event, reason_name, slo.class_name))
         self._slo_trace.write(
             event, engine_request_id=tracked.request_id, request_id=slo.request_id,
-            reason=reason_name,
+            reason=reason_name, check=check,
         )  # fmt: skip
 
     def _queue_key(self, request: Request) -> tuple[int, float]:

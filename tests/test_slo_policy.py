@@ -208,7 +208,7 @@ def test_admits_when_idle_and_rejects_an_impossible_ttft() -> None:
     # 2,000 tokens take at least 5 ms + 200 ms of compute: more than a 100 ms TTFT
     hopeless = make("no", Budgets(ttft_s=0.1, tpot_s=0.01), prompt=2000)
     verdict = admission.decide(0.0, hopeless, [])
-    assert verdict.rejected and verdict.reason is Reason.COMPUTE
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE and verdict.check == "hopeless"
 
 
 def test_best_effort_instead_of_rejection_when_allowed() -> None:
@@ -252,7 +252,8 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     # Queued behind two more prompts due first, it would be later by far more than a quarter
     # of its budget: the queue is real, so it is turned away.
     queued = [make(f"q{i}", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1000) for i in range(2)]
-    assert admission.decide(0.0, prompt, [pressed, *queued]).reason is Reason.COMPUTE
+    verdict = admission.decide(0.0, prompt, [pressed, *queued])
+    assert verdict.reason is Reason.COMPUTE and verdict.check == "queue"
     # A queue that delays it a little (a one-token prompt) does not.
     small = [make("q", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1)]
     late_alone = admission._late_requests(
@@ -269,11 +270,16 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
 def test_decode_batch_that_cannot_keep_its_tpot_is_refused() -> None:
     admission = controller()
     # A step of n decodes takes 5 ms + 0.1 ms * n. A 10 ms TPOT is judged at 10.5 ms (§2):
-    # 55 decodes fit, 56 do not; 51 (10.1 ms) still keep their streams on time.
-    running = [decoding(make(f"d{i}", TIGHT), first_token_at=0.0) for i in range(55)]
+    # 55 decodes fit, 56 do not; 51 (10.1 ms) still keep their streams on time. The streams
+    # got their first token right at their TTFT deadline: no lead to spend on slow steps.
+    running = [decoding(make(f"d{i}", TIGHT, arrival=-0.2), first_token_at=0.0) for i in range(55)]
     verdict = admission.decide(0.0, make("one-more", TIGHT, arrival=0.0), running)
-    assert verdict.rejected and verdict.reason is Reason.COMPUTE
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE and verdict.check == "tpot"
     assert admission.decide(0.0, make("one", TIGHT), running[:50]).mode is Mode.ADMITTED
+    # Streams 150 ms ahead of their line (first tokens 150 ms early) can spend that lead on
+    # steps 0.1 ms too slow for the rest of their 50 tokens: the 56th is admitted.
+    ahead = [decoding(make(f"a{i}", TIGHT, arrival=-0.05), first_token_at=0.0) for i in range(55)]
+    assert admission.decide(0.0, make("one-more", TIGHT, arrival=0.0), ahead).mode is Mode.ADMITTED
 
 
 def test_memory_bound_uses_learned_output_lengths() -> None:
