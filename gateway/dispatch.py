@@ -1,8 +1,12 @@
 """One request's life in the gateway: route, forward, retry, spill, and account for it.
 
+0. With API keys on: the key (UNAUTHENTICATED), then, once the SLO is known, the tenant's
+   classes (PERMISSION_DENIED) and rate limit (RESOURCE_EXHAUSTED, RATE_LIMITED). Refused
+   requests are never queued nor sent to a replica.
 1. Validate what the gateway can without a tokenizer (SLO, prompt presence, request id);
    the rest is the replica's, whose INVALID_ARGUMENT is passed on unchanged.
-2. Try the replicas in rotation in the router's order, asking each for SLO admission
+2. Try the replicas in rotation in the router's order (a session's replica first while it is
+   feasible: session affinity), asking each for SLO admission
    (allow_best_effort off). A rejection, or an unreachable replica, before any token has
    been sent to the client moves on to the next replica: nothing was delivered, so the retry
    is invisible. (The replica's Admission message is held back until the first token for
@@ -25,16 +29,18 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 
 from sloserve import errors
 from sloserve.gateway import failures
+from sloserve.gateway.affinity import AffinityTable, SessionKey
+from sloserve.gateway.auth import ApiKeys, Tenant
 from sloserve.gateway.failures import GatewayError
 from sloserve.gateway.metrics import GatewayMetrics
 from sloserve.gateway.replica_pool import ReplicaHandle, ReplicaPool, Ticket
-from sloserve.gateway.routing import RequestShape, Router, estimate_prompt_tokens
+from sloserve.gateway.routing import Candidate, RequestShape, Router, estimate_prompt_tokens
 from sloserve.gateway.slo_summary import ATTAINED, BEST_EFFORT, MISSED, SloSummary
 from sloserve.gateway.spillover import QueueFull, Spilled, SpilloverDrainer, SpilloverQueue
 from sloserve.protoconv import duration, outcome_to_proto
@@ -44,12 +50,20 @@ from sloserve.v1 import inference_pb2, slo_pb2
 
 log = logging.getLogger(__name__)
 
+C = TypeVar("C", bound=Candidate)
+
 
 @dataclass(frozen=True)
 class DispatchSettings:
     # A replica that sends nothing for this long during a call is treated as failed (a hung
     # process keeps its connection open; without this its clients would wait forever).
     stall_timeout_s: float = 60.0
+
+
+# The label a request's session id is carried in (gRPC: GenerateRequest.labels; HTTP: the
+# x-sloserve-session header or the body's session_id).
+SESSION_LABEL = "session"
+MAX_SESSION_ID_LENGTH = 256
 
 
 # Metrics labels of replica errors the gateway passes on as they are.
@@ -111,6 +125,8 @@ class Dispatcher:
         metrics: GatewayMetrics,
         summary: SloSummary,
         settings: DispatchSettings | None = None,
+        api_keys: ApiKeys | None = None,
+        affinity: AffinityTable | None = None,
     ) -> None:
         self.pool = pool
         self.router = router
@@ -120,6 +136,8 @@ class Dispatcher:
         self.metrics = metrics
         self.summary = summary
         self.settings = settings or DispatchSettings()
+        self.api_keys = api_keys  # None: no API keys, every request is served
+        self.affinity = affinity or AffinityTable()
         self.draining = False
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -133,6 +151,10 @@ class Dispatcher:
             raise errors.FieldError(
                 "request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"
             )
+        if len(request.labels.get(SESSION_LABEL, "")) > MAX_SESSION_ID_LENGTH:
+            raise errors.FieldError(
+                f"labels[{SESSION_LABEL}]", f"must be at most {MAX_SESSION_ID_LENGTH} characters"
+            )
         class_name, budgets = resolve_slo(request.slo, self.catalog, "slo")
         kind = request.prompt.WhichOneof("kind")
         if kind is None:
@@ -145,23 +167,54 @@ class Dispatcher:
 
     # -- the request's life --------------------------------------------------------------
 
+    def authenticate(self, authorization: str | None) -> Tenant | None:
+        """The caller's tenant when API keys are on (None when off); UNAUTHENTICATED if the
+        key is missing or unknown. For front-door routes other than generation."""
+        if self.api_keys is None:
+            return None
+        try:
+            return self.api_keys.authenticate(authorization)
+        except GatewayError as error:
+            self.metrics.requests.labels("unknown", error.outcome).inc()
+            raise
+
+    def _admit_tenant(self, tenant: Tenant, class_name: str) -> None:
+        """The tenant's class permission and rate limit. Refused requests are answered at
+        once: never queued, never sent to a replica."""
+        assert self.api_keys is not None
+        try:
+            self.api_keys.authorize(tenant, class_name)
+            self.api_keys.admit(tenant)
+        except GatewayError as error:
+            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.metrics.rejections.labels(class_name, error.details.reason).inc()
+            self.metrics.tenant_requests.labels(tenant.name, error.outcome).inc()
+            self._record(class_name, error.outcome, None)
+            raise
+
     async def generate(
-        self, request: inference_pb2.GenerateRequest
+        self, request: inference_pb2.GenerateRequest, authorization: str | None = None
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        """The response stream for `request`; raises GatewayError for an explicit error."""
+        """The response stream for `request`; raises GatewayError for an explicit error.
+        `authorization` is the caller's `Bearer <key>`, checked when API keys are on."""
         arrival = time.time()
         # Metrics labels: only known classes, so bad input cannot grow the label set.
         requested = request.slo.class_name
         class_name = requested if self.catalog.get(requested) is not None else "unknown"
         if self.draining:
             raise failures.unavailable("the gateway is draining", "DRAINING")
+        tenant = self.authenticate(authorization)  # before anything else is looked at
         try:
             class_name, budgets = self._check(request)
         except errors.FieldError as bad:
             self._record(class_name, "invalid", None)
             raise failures.invalid(bad.field, bad.description) from None
+        if tenant is not None:
+            self._admit_tenant(tenant, class_name)
         forward = inference_pb2.GenerateRequest()
         forward.CopyFrom(request)
+        if tenant is not None:
+            forward.tenant = tenant.name  # the key's tenant, whatever the request claimed
         # One id across every replica tried, so logs line up.
         forward.request_id = request.request_id or f"gw-{uuid.uuid4().hex[:16]}"
         forward.allow_best_effort = False  # best effort is the gateway's call (spillover)
@@ -196,6 +249,8 @@ class Dispatcher:
         finally:
             ttft = stream.token_times[0] - arrival if stream.token_times else None
             self._record(class_name, outcome, ttft, spilled=bool(stream.spilled_reason))
+            if tenant is not None:
+                self.metrics.tenant_requests.labels(tenant.name, outcome).inc()
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
@@ -209,11 +264,14 @@ class Dispatcher:
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Tries replicas in order until one serves the request; fills `rejections`."""
         tried: set[str] = set()
+        session = _session_key(forward)
         while True:
             fresh = [r for r in self.pool.in_rotation() if r.endpoint not in tried]
             ranked = self.router.rank(fresh, shape)
             if not ranked:
                 return
+            if session is not None and not tried:
+                ranked = self._prefer_pinned(session, ranked, shape)
             replica = ranked[0]
             tried.add(replica.endpoint)
             ticket = self.pool.ticket(replica, shape.prompt_tokens)
@@ -226,6 +284,21 @@ class Dispatcher:
                 if retry.why == "rejected":
                     self.metrics.replica_rejections.labels(replica.endpoint, retry.reason).inc()
                     rejections.append(retry)
+
+    def _prefer_pinned(self, session: SessionKey, ranked: list[C], shape: RequestShape) -> list[C]:
+        """`ranked` with the session's pinned replica first, while it is in rotation and its
+        predicted TTFT still fits the budget; else as the router ranked them (the session is
+        re-pinned to whichever replica serves this round)."""
+        pinned = self.affinity.get(session)
+        if pinned is None:
+            self.metrics.session_routes.labels("new").inc()
+            return ranked
+        replica = next((r for r in ranked if r.endpoint == pinned), None)
+        if replica is None or self.router.costs.slack_s(replica, shape) < 0:
+            self.metrics.session_routes.labels("moved").inc()
+            return ranked
+        self.metrics.session_routes.labels("kept").inc()
+        return [replica, *(r for r in ranked if r is not replica)]
 
     async def _spill(
         self,
@@ -314,6 +387,8 @@ class Dispatcher:
                     continue
                 if not stream.started:
                     stream.started = True
+                    if (session := _session_key(forward)) is not None:
+                        self.affinity.pin(session, replica.endpoint)
                     yield stream.admission_to_send()
                 if event == "delta" and response.delta.token_ids:
                     ticket.first_token()
@@ -414,3 +489,9 @@ class Dispatcher:
         attainment = self.summary.record(class_name, outcome, ttft_s, spilled)
         if attainment is not None:
             self.metrics.attainment.labels(class_name).set(attainment)
+
+
+def _session_key(request: inference_pb2.GenerateRequest) -> SessionKey | None:
+    """(tenant, session id) of a request that names a session, else None."""
+    session = request.labels.get(SESSION_LABEL, "")
+    return (request.tenant, session) if session else None

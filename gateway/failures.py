@@ -47,3 +47,19 @@ def rejected(reason: str, message: str, retry_after_s: float, outcome: str) -> G
 
 def invalid(field: str, description: str) -> GatewayError:
     return GatewayError(errors.invalid_argument(field, description), "invalid")
+
+
+def _with_reason(code: int, message: str, reason: str) -> status_pb2.Status:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=errors.ERROR_DOMAIN))
+    return status_pb2.Status(code=code, message=message, details=[info])
+
+
+def unauthenticated(message: str, reason: str) -> GatewayError:
+    """UNAUTHENTICATED (HTTP 401): no API key, or one the gateway does not know."""
+    return GatewayError(_with_reason(code_pb2.UNAUTHENTICATED, message, reason), "unauthenticated")
+
+
+def permission_denied(message: str, reason: str) -> GatewayError:
+    """PERMISSION_DENIED (HTTP 403): the tenant may not use what the request asks for."""
+    return GatewayError(_with_reason(code_pb2.PERMISSION_DENIED, message, reason), "denied")

@@ -19,8 +19,17 @@ class GatewayInference(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        # gRPC lower-cases metadata keys; the key travels as `authorization: Bearer <key>`.
+        authorization = next(
+            (
+                str(value)
+                for key, value in context.invocation_metadata() or ()
+                if key == "authorization"
+            ),
+            None,
+        )
         try:
-            async for response in self._dispatcher.generate(request):
+            async for response in self._dispatcher.generate(request, authorization):
                 yield response
         except GatewayError as error:
             await context.abort_with_status(errors.to_grpc_status(error.status))

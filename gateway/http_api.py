@@ -4,9 +4,11 @@ Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streami
 when `stream` is true), GET /v1/slo/summary (for operators), GET /healthz.
 
 Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`:
-400 names the bad field in `param`; 429 (not admitted, queue full) carries the reason in
-`code` and a Retry-After header; 503 when no replica can take requests. A stream that fails
-after it started ends with one `data: {"error": ...}` event instead of `data: [DONE]`.
+400 names the bad field in `param`; 401 (no or unknown API key, when keys are on) and 403 (an
+SLO class the tenant may not use) carry the reason in `code`; 429 (not admitted, queue full,
+over the tenant's rate limit) carries the reason in `code` and a Retry-After header; 503
+when no replica can take requests. A stream that fails after it started ends with one
+`data: {"error": ...}` event instead of `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ log = logging.getLogger(__name__)
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _ERROR_TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     429: "slo_rejected",
     503: "service_unavailable",
@@ -188,6 +194,10 @@ class HttpApi:
         return app
 
     async def models(self, request: web.Request) -> web.Response:
+        try:
+            self._dispatcher.authenticate(request.headers.get("Authorization"))
+        except GatewayError as error:
+            return self._error_response(_gateway_error(error, "prompt"))
         data = [
             {"id": name, "object": "model", "created": self._created, "owned_by": "sloserve"}
             for name in self._models
@@ -232,7 +242,7 @@ class HttpApi:
             generate = oai.generate_request(body, prompt, http.headers, kind.max_tokens_field)
         except FieldError as bad:
             return _field_error(bad)
-        responses = self._dispatcher.generate(generate)
+        responses = self._dispatcher.generate(generate, http.headers.get("Authorization"))
         try:
             first = await anext(responses)
         except GatewayError as error:

@@ -17,7 +17,8 @@ class GatewayMetrics:
         self.requests = Counter(
             "sloserve_gateway_requests",
             "Requests by SLO class and outcome (attained, missed, best_effort, rejected, "
-            "queue_full, queue_timeout, unavailable, failed, invalid, cancelled, error).",
+            "queue_full, queue_timeout, unavailable, failed, invalid, cancelled, error, "
+            "unauthenticated, denied, rate_limited).",
             ["slo_class", "outcome"],
             registry=r,
         )
@@ -70,6 +71,21 @@ class GatewayMetrics:
             "Mean time per output token after the first, per request, per SLO class.",
             ["slo_class"],
             buckets=_BUCKETS,
+            registry=r,
+        )
+        # Tenants come only from the API-keys file, so this label set is bounded.
+        self.tenant_requests = Counter(
+            "sloserve_gateway_tenant_requests",
+            "Requests by tenant (with API keys on) and outcome (as sloserve_gateway_requests, "
+            "plus denied and rate_limited).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.session_routes = Counter(
+            "sloserve_gateway_session_routes",
+            "Requests naming a session, by how affinity routed them: kept (on the session's "
+            "replica), moved (that replica was out of rotation or infeasible), new.",
+            ["result"],
             registry=r,
         )
         self.replicas_in_rotation = Gauge(

@@ -26,6 +26,7 @@ from sloserve.v1 import inference_pb2
 
 SLO_CLASS_HEADER = "x-sloserve-slo-class"
 BEST_EFFORT_HEADER = "x-sloserve-allow-best-effort"
+SESSION_HEADER = "x-sloserve-session"
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Proto field paths (what a replica's INVALID_ARGUMENT names) -> the body's names.
@@ -36,6 +37,7 @@ _BODY_FIELDS = {
     "sampling.seed": "seed",
     "sampling.stop": "stop",
     "slo.class_name": "slo_class",
+    "labels[session]": "session_id",
     "slo.budgets.ttft": "slo.ttft_ms",
     "slo.budgets.tpot": "slo.tpot_ms",
     "slo.budgets.thinking_tpot": "slo.thinking_tpot_ms",
@@ -204,6 +206,14 @@ def generate_request(
     _slo(request, body, headers.get(SLO_CLASS_HEADER, ""))
     header_best_effort = headers.get(BEST_EFFORT_HEADER, "").lower() in ("1", "true", "yes")
     request.allow_best_effort = _flag(body, "allow_best_effort") or header_best_effort
+    # A multi-round session (tool calling): its rounds prefer one replica (gateway affinity).
+    session = body.get("session_id")
+    if session is None:
+        session = headers.get(SESSION_HEADER, "")
+    if not isinstance(session, str):
+        raise FieldError("session_id", "must be a string")
+    if session:
+        request.labels["session"] = session
     return request
 
 

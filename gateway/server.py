@@ -23,6 +23,9 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sloserve.errors import FieldError
+from sloserve.gateway.affinity import AffinityTable
+from sloserve.gateway.auth import ApiKeys
 from sloserve.gateway.discovery import StaticDiscovery, follow
 from sloserve.gateway.dispatch import Dispatcher, DispatchSettings
 from sloserve.gateway.grpc_service import GatewayInference
@@ -32,6 +35,7 @@ from sloserve.gateway.replica_pool import ReplicaPool
 from sloserve.gateway.routing import Router
 from sloserve.gateway.slo_summary import BUDGETS_KEY, SloSummary
 from sloserve.gateway.spillover import SpilloverDrainer, SpilloverQueue
+from sloserve.gateway.tls import TlsFiles
 from sloserve.slo import SloCatalog
 from sloserve.v1 import inference_pb2_grpc
 
@@ -56,6 +60,11 @@ class GatewaySettings:
     report_interval_s: float = 0.25
     stall_timeout_s: float = 60.0
     drain_timeout_s: float = 300.0
+    api_keys: Path | None = None  # a YAML file or a directory (gateway/auth.py); None: off
+    tls_cert: Path | None = None  # both or neither: TLS on the gRPC and HTTP ports
+    tls_key: Path | None = None
+    session_ttl_s: float = 600.0  # session affinity: a session's replica is kept this long
+    max_sessions: int = 100_000
 
 
 def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
@@ -92,6 +101,7 @@ def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
             "ttl_s": dispatcher.queue.ttl_s,
         },
         "replicas": replicas,
+        "sessions": {"tracked": len(dispatcher.affinity), "ttl_s": dispatcher.affinity.ttl_s},
     }
 
 
@@ -111,6 +121,13 @@ async def serve(settings: GatewaySettings) -> int:
     catalog = (
         SloCatalog.load(settings.classes_file) if settings.classes_file else SloCatalog.default()
     )
+    # Configuration errors surface before any port is opened.
+    api_keys = ApiKeys.load(settings.api_keys, catalog.classes) if settings.api_keys else None
+    tls = TlsFiles.load(settings.tls_cert, settings.tls_key)
+    if settings.session_ttl_s <= 0:
+        raise FieldError("session_ttl", "must be above 0")
+    if settings.max_sessions < 1:
+        raise FieldError("max_sessions", "must be at least 1")
     discovery = StaticDiscovery(settings.replicas)
     router = Router(settings.routing)
     pool = ReplicaPool(settings.report_interval_s)
@@ -128,6 +145,8 @@ async def serve(settings: GatewaySettings) -> int:
         metrics,
         SloSummary(),
         DispatchSettings(stall_timeout_s=settings.stall_timeout_s),
+        api_keys,
+        AffinityTable(settings.max_sessions, settings.session_ttl_s),
     )
     metrics.bind_rotation(lambda: len(pool.in_rotation()))
 
@@ -139,11 +158,22 @@ async def serve(settings: GatewaySettings) -> int:
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, tls.grpc_credentials())
     _publish_health(health_servicer, dispatcher)
     pool.subscribe(lambda: _publish_health(health_servicer, dispatcher))
     await server.start()
-    log.info("gRPC on %s:%d (routing: %s)", settings.host, port, settings.routing)
+    log.info(
+        "gRPC on %s:%d (routing: %s%s%s)",
+        settings.host,
+        port,
+        settings.routing,
+        ", TLS" if tls else "",
+        f", API keys of {len(api_keys.tenants)} tenant(s)" if api_keys else "",
+    )
 
     runner: web.AppRunner | None = None
     if settings.http_port is not None:
@@ -151,8 +181,12 @@ async def serve(settings: GatewaySettings) -> int:
         # Cancel a handler whose client went away, so its replica stops generating too.
         runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.http_port).start()
-        log.info("HTTP (OpenAI API) on http://%s:%d/v1", settings.host, settings.http_port)
+        ssl_context = tls.ssl_context() if tls else None
+        await web.TCPSite(
+            runner, settings.host, settings.http_port, ssl_context=ssl_context
+        ).start()
+        scheme = "https" if tls else "http"
+        log.info("HTTP (OpenAI API) on %s://%s:%d/v1", scheme, settings.host, settings.http_port)
     if settings.metrics_port is not None:
         metrics_port = metrics.serve(settings.metrics_port, settings.host)
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)

@@ -2,8 +2,9 @@
 
 Attainment follows the methodology (docs/slo.md §2): good / arrived, where a rejected,
 spilled or best-effort request counts as arrived and not good. Requests the client itself
-cancelled, and invalid ones, are left out of `arrived`: neither says anything about the
-system's capacity.
+cancelled, invalid ones, and those refused by API-key checks (no or unknown key, a class the
+tenant may not use, over the tenant's rate limit) are left out of `arrived`: none says
+anything about the system's capacity.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _SAMPLES = 2048
 ATTAINED = "attained"
 MISSED = "missed"
 BEST_EFFORT = "best_effort"
-NOT_COUNTED = frozenset({"invalid", "cancelled"})
+NOT_COUNTED = frozenset({"invalid", "cancelled", "unauthenticated", "denied", "rate_limited"})
 
 # The JSON key of requests with explicit budgets (class name "").
 BUDGETS_KEY = "(budgets)"

@@ -347,6 +347,30 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=300.0,
         help="seconds SIGTERM waits for requests in flight (default: 300)",
     )
+    p.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="PATH",
+        help="API keys YAML (tenant, classes, rate limit per key), or a directory such as a "
+        "mounted Secret; requests then need `Authorization: Bearer KEY` (default: off)",
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="TLS certificate chain (with --tls-key)"
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="TLS private key (with --tls-cert)")
+    p.add_argument(
+        "--session-ttl",
+        type=float,
+        default=600.0,
+        help="seconds a session stays pinned to its replica after its last round (default: 600)",
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=100_000,
+        help="sessions remembered for affinity, least recently used forgotten first "
+        "(default: 100000)",
+    )
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
@@ -368,10 +392,18 @@ def _run_gateway(args: argparse.Namespace) -> int:
         report_interval_s=args.report_interval,
         stall_timeout_s=args.stall_timeout,
         drain_timeout_s=args.drain_timeout,
+        api_keys=args.api_keys,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        session_ttl_s=args.session_ttl,
+        max_sessions=args.max_sessions,
     )
     try:
         return asyncio.run(serve(settings))
     except FieldError as bad:
+        if bad.field.startswith("api_keys"):  # names the entry: api_keys[2].classes
+            print(f"error: --api-keys {args.api_keys}: {bad}", file=sys.stderr)
+            return 2
         print(f"error: --{bad.field.replace('_', '-')}: {bad.description}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as error:  # a port in use, typically
