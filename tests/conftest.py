@@ -146,6 +146,18 @@ def replica(
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def other_replica(
+    tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replica]:
+    """A second replica like the shared one, for routing across replicas (started once)."""
+    server = start_replica(tmp_path_factory.mktemp("replica-b"), ["--profile", str(tiny_profile)])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @dataclass
 class Gateway:
     """A `sloserve gateway` subprocess in front of the given replica endpoints."""

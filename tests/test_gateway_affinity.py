@@ -9,11 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import openai
 import pytest
-from conftest import Gateway, Replica, metric_sum, start_replica
+from conftest import Gateway, Replica, metric_sum
 
 from sloserve.client import Client, build_request
 from sloserve.errors import FieldError
@@ -152,17 +151,6 @@ def test_the_pinned_replica_goes_first_only_while_it_is_ranked_and_feasible() ->
 
 TIMEOUT_S = 120
 PROMPT = list(range(10, 40))
-
-
-@pytest.fixture(scope="module")
-def other_replica(
-    tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Replica]:
-    server = start_replica(tmp_path_factory.mktemp("replica-b"), ["--profile", str(tiny_profile)])
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import Gateway, Replica, metric_sum, start_replica
+from conftest import Gateway, Replica, metric_sum
 
 from sloserve.client import Client, GenerationResult
 from sloserve.errors import InvalidArgumentError, RejectedError
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.engine
 PROMPT = list(range(10, 60))  # 50 token ids
 IMPOSSIBLE = {"ttft_s": 0.0001, "tpot_s": 0.5}  # no engine prefills 50 tokens in 0.1 ms
 TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="module")
-def other_replica(
-    tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Replica]:
-    server = start_replica(tmp_path_factory.mktemp("replica-b"), ["--profile", str(tiny_profile)])
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
