@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sloserve.client import serving
 
 STOP_TIMEOUT_S = 60
 
@@ -66,17 +65,6 @@ class _Child:
             self.process.wait()
 
 
-def _serving(endpoint: str) -> bool:
-    with grpc.insecure_channel(endpoint) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def _sloserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "sloserve", *args]
 
@@ -112,7 +100,7 @@ def _wait_ready(children: Sequence[_Child], timeout_s: float) -> str | None:
             code = child.exited()
             if code is not None:
                 return f"{child.name} exited with code {code}; see {child.log_path}"
-            if _serving(child.endpoint):
+            if serving(child.endpoint):
                 waiting.remove(child)
         if time.monotonic() > deadline:
             return f"not serving after {timeout_s:.0f} s: {[c.name for c in waiting]}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sloserve.errors import from_rpc_error
 from sloserve.protoconv import duration
@@ -225,3 +226,16 @@ class AsyncClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def serving(endpoint: str, timeout_s: float = 2.0) -> bool:
+    """Whether the replica or gateway at `endpoint` says SERVING on the gRPC health service
+    (False while it is unreachable or still starting)."""
+    with grpc.insecure_channel(endpoint) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

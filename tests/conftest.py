@@ -19,6 +19,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sloserve.client import serving
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / ".models" / "tiny"
 CLASSES = Path(__file__).with_name("classes.yaml")
@@ -214,14 +216,7 @@ class Gateway:
             time.sleep(0.2)
 
     def serving(self) -> bool:
-        with grpc.insecure_channel(self.endpoint) as channel:
-            try:
-                status = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2
-                )
-            except grpc.RpcError:
-                return False
-        return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
+        return serving(self.endpoint)
 
     def stop(self, timeout_s: float = 60) -> int:
         assert self.process is not None

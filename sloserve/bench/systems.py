@@ -112,17 +112,9 @@ def _ready(spec: SystemSpec, port: int) -> bool:
                 return True
         except OSError:
             return False
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from sloserve.client import serving
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    return serving(f"127.0.0.1:{port}")
 
 
 @contextmanager
