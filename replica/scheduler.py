@@ -286,7 +286,10 @@ class SloPolicyMixin:
     def _hold_back_whole_prefills(self, policy: SloPolicy, plan: StepPlan) -> list[Request]:
         """Takes out of the waiting queue, for this step, the unplanned requests whose prefill
         must not be split: vLLM gives budget left over by planned work (a prefix-cache hit,
-        say) to the next waiting request, in part if need be."""
+        say) to the next waiting request, in part if need be. Only CPU engines have such
+        requests, so a GPU engine's step skips the walk over its queue."""
+        if not self._cpu_engine:
+            return []
         planned = set(plan.scheduled)
         held_back = []
         for request in list(self.waiting):
