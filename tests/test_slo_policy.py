@@ -222,10 +222,19 @@ def test_a_newcomer_may_not_make_an_admitted_request_late() -> None:
     # Admitted: a 1,500-token prompt due in 200 ms: about 155 ms of compute alone.
     first = make("first", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1500)
     assert admission.decide(0.0, first, []).mode is Mode.ADMITTED
-    # A newcomer due sooner goes first in EDF order and would push `first` past its deadline.
-    pushy = make("pushy", Budgets(ttft_s=0.15, tpot_s=0.05), prompt=600)
+    # A newcomer due sooner goes first in EDF order and would push `first` past its deadline
+    # by about 75 ms, more than a quarter of its budget: turned away.
+    pushy = make("pushy", Budgets(ttft_s=0.15, tpot_s=0.05), prompt=1200)
     verdict = admission.decide(0.0, pushy, [first])
-    assert verdict.rejected and verdict.reason is Reason.COMPUTE
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE and verdict.check == "others"
+    # A smaller one makes `first` late by less than a quarter of its budget (the forecast's
+    # pessimism): admitted.
+    small = make("small", Budgets(ttft_s=0.15, tpot_s=0.05), prompt=600)
+    assert admission.decide(0.0, small, [first]).mode is Mode.ADMITTED
+    # The allowance is `first`'s in all: a second such newcomer would push it past it.
+    again = make("again", Budgets(ttft_s=0.15, tpot_s=0.05), prompt=600)
+    verdict = admission.decide(0.0, again, [first, small])
+    assert verdict.rejected and verdict.check == "others"
     # The same newcomer with a later deadline than `first` fits behind it.
     patient = make("patient", Budgets(ttft_s=0.5, tpot_s=0.05), prompt=600)
     assert admission.decide(0.0, patient, [first]).mode is Mode.ADMITTED
