@@ -10,7 +10,9 @@
    (allow_best_effort off). A rejection, or an unreachable replica, before any token has
    been sent to the client moves on to the next replica: nothing was delivered, so the retry
    is invisible. (The replica's Admission message is held back until the first token for
-   exactly this reason.)
+   exactly this reason.) A retry carries the TTFT budget that is left: the replica counts
+   from when it receives the request, the client from when the gateway did. Replicas whose
+   load report is stale are probed first (ReplicaPool.routable).
 3. No replica admits it: a request that accepts best effort waits in the spillover queue
    until a replica has room, then runs there as best effort; any other gets the rejection,
    with the first replica's reason and the soonest retry-after.
@@ -28,7 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -43,7 +45,7 @@ from sloserve.gateway.replica_pool import ReplicaHandle, ReplicaPool, Ticket
 from sloserve.gateway.routing import Candidate, RequestShape, Router, estimate_prompt_tokens
 from sloserve.gateway.slo_summary import ATTAINED, BEST_EFFORT, MISSED, SloSummary
 from sloserve.gateway.spillover import QueueFull, Spilled, SpilloverDrainer, SpilloverQueue
-from sloserve.protoconv import duration, outcome_to_proto
+from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
 from sloserve.replica.validation import MAX_REQUEST_ID_LENGTH, resolve_slo
 from sloserve.slo import Budgets, SloCatalog, judge
 from sloserve.v1 import inference_pb2, slo_pb2
@@ -58,6 +60,24 @@ class DispatchSettings:
     # A replica that sends nothing for this long during a call is treated as failed (a hung
     # process keeps its connection open; without this its clients would wait forever).
     stall_timeout_s: float = 60.0
+
+
+# A retry with less TTFT budget left than this is not sent: no replica could prefill in time.
+MIN_RETRY_TTFT_S = 0.001
+
+
+def with_ttft_budget(
+    request: inference_pb2.GenerateRequest, budgets: Budgets, ttft_s: float
+) -> inference_pb2.GenerateRequest:
+    """`request` with explicit budgets: `budgets` with the TTFT budget `ttft_s`.
+
+    A class name cannot carry a shorter budget, so a retried class request travels with its
+    class's budgets made explicit (the replica then counts it under explicit budgets).
+    """
+    shortened = inference_pb2.GenerateRequest()
+    shortened.CopyFrom(request)
+    shortened.slo.budgets.CopyFrom(budgets_to_proto(replace(budgets, ttft_s=ttft_s)))
+    return shortened
 
 
 # The label a request's session id is carried in (gRPC: GenerateRequest.labels; HTTP: the
@@ -266,8 +286,17 @@ class Dispatcher:
         tried: set[str] = set()
         session = _session_key(forward)
         while True:
-            fresh = [r for r in self.pool.in_rotation() if r.endpoint not in tried]
-            ranked = self.router.rank(fresh, shape)
+            candidates = await self.pool.routable(exclude=tried)
+            attempt, attempt_shape = forward, shape
+            if tried:
+                # A retry: the replica counts its TTFT from when it gets the request, so it
+                # is given what is left of the budget, and plans for the true deadline.
+                left = stream.budgets.ttft_s - (time.time() - stream.arrival)
+                if left < MIN_RETRY_TTFT_S:
+                    return  # no replica could make the first token in time now
+                attempt = with_ttft_budget(forward, stream.budgets, left)
+                attempt_shape = RequestShape(shape.prompt_tokens, left)
+            ranked = self.router.rank(candidates, attempt_shape, retry=bool(tried))
             if not ranked:
                 return
             if session is not None and not tried:
@@ -276,7 +305,7 @@ class Dispatcher:
             tried.add(replica.endpoint)
             ticket = self.pool.ticket(replica, shape.prompt_tokens)
             try:
-                async for response in self._attempt(ticket, forward, stream):
+                async for response in self._attempt(ticket, attempt, stream):
                     yield response
                 return
             except _Retry as retry:

@@ -7,6 +7,11 @@ backoff, so a replica that comes back is back in rotation with its first report.
 
 Load reports arrive once per interval; between them the gateway adds what it sent itself
 (`Outstanding`), so a burst within one interval does not all land on the same replica.
+
+A replica whose latest report is older than two intervals (a slow or stuck watch, a replica
+busy enough to report late) is asked directly before it is routed to: `Probe` answers with
+its queue now, and a replica that answers is routed to on that answer; one that does not is
+left out until its next report (`ReplicaPool.routable`).
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 
-from sloserve.protoconv import duration
-from sloserve.v1 import inference_pb2_grpc, replica_control_pb2, replica_control_pb2_grpc
+from sloserve.protoconv import duration, seconds
+from sloserve.v1 import inference_pb2_grpc, replica_control_pb2, replica_control_pb2_grpc, slo_pb2
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,19 @@ class Outstanding:
     # ahead of the next request's first token, possibly not yet in a load report.
     awaiting_first_token: int = 0
     awaiting_prompt_tokens: int = 0
+    # Of those prompt tokens, the ones sent since the latest report or probe answer: only
+    # these are missing from the replica's own figure (counting the others again would make
+    # a replica with a long prompt in prefill look twice as busy as it is).
+    unreported_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Probed:
+    """A Probe answer: when it came, and the replica's predicted TTFT for a 1-token prompt
+    (its queue of prefill work, as the replica itself measures its speed)."""
+
+    at: float  # time.monotonic()
+    queue_s: float
 
 
 class Ticket:
@@ -57,10 +76,12 @@ class Ticket:
         self._prompt_tokens = prompt_tokens
         self._awaiting = True
         self._open = True
+        self._epoch = handle.load_epoch  # the replica's figures do not include it yet
         o = handle.outstanding
         o.in_flight += 1
         o.awaiting_first_token += 1
         o.awaiting_prompt_tokens += prompt_tokens
+        o.unreported_prompt_tokens += prompt_tokens
 
     def first_token(self) -> None:
         if self._awaiting:
@@ -68,6 +89,8 @@ class Ticket:
             o = self._handle.outstanding
             o.awaiting_first_token -= 1
             o.awaiting_prompt_tokens -= self._prompt_tokens
+            if self._epoch == self._handle.load_epoch:
+                o.unreported_prompt_tokens -= self._prompt_tokens
 
     def close(self) -> None:
         if self._open:
@@ -87,17 +110,58 @@ class ReplicaHandle:
         self.control = replica_control_pb2_grpc.ReplicaControlStub(self.channel)
         self.report: replica_control_pb2.LoadReport | None = None
         self.report_at = 0.0  # time.monotonic() of the latest report
+        # The latest Probe answer newer than the latest report, when there is one.
+        self.probed: Probed | None = None
+        # Counts reports and probe answers: tickets older than the latest one are in the
+        # replica's own figures (Outstanding.unreported_prompt_tokens).
+        self.load_epoch = 0
         self.watching = False
         self.failure = "no load report yet"  # why it is out of rotation; "" when it is not
         self.outstanding = Outstanding()
         self.removed = False
         self._on_finished = on_finished
+        self._probing: asyncio.Task[bool] | None = None
 
     def accept(self, report: replica_control_pb2.LoadReport) -> None:
         self.report = report
         self.report_at = time.monotonic()
+        self.probed = None
+        self._new_epoch()
         self.watching = True
         self.failure = ""
+
+    def _new_epoch(self) -> None:
+        self.load_epoch += 1
+        self.outstanding.unreported_prompt_tokens = 0
+
+    @property
+    def heard_at(self) -> float:
+        """time.monotonic() of the latest report or probe answer."""
+        return max(self.report_at, self.probed.at if self.probed is not None else 0.0)
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Asks the replica for its queue now (one Probe at a time per replica; concurrent
+        callers share it). True when it answered and takes requests."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.create_task(self._probe(timeout_s))
+        return await asyncio.shield(self._probing)
+
+    async def _probe(self, timeout_s: float) -> bool:
+        # The smallest request of the default class: its predicted TTFT is the replica's
+        # queue ahead of any new request, by the replica's own measured prefill speed.
+        request = replica_control_pb2.ProbeRequest(prompt_tokens=1, max_tokens=1)
+        sent_epoch = self.load_epoch
+        try:
+            answer = await self.control.Probe(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            self.call_failed(f"probe failed: {error.code().name}")
+            return False
+        if answer.reason == slo_pb2.REJECT_REASON_DRAINING:
+            return False
+        if self.load_epoch == sent_epoch:  # no report overtook the answer
+            self.probed = Probed(time.monotonic(), seconds(answer.predicted_ttft))
+            self._new_epoch()
+        return True
 
     def lose(self, why: str) -> None:
         """The watch broke or a call found the replica unreachable: out of rotation until
@@ -119,7 +183,7 @@ class ReplicaHandle:
             return self.failure
         if self.report is None or not self.watching:
             return "no load report"
-        if now - self.report_at > stale_after_s:
+        if now - self.heard_at > stale_after_s:
             return f"no load report for {now - self.report_at:.1f} s"
         if not self.report.ready:
             return "engine not ready"
@@ -136,6 +200,12 @@ class ReplicaPool:
         self.report_interval_s = report_interval_s
         # A replica silent for a few intervals (hung, or a partitioned network) is out.
         self.stale_after_s = max(1.0, 4 * report_interval_s)
+        # A report older than this is asked about (Probe) before the replica is routed to:
+        # one interval late is jitter, two is a replica worth asking.
+        self.probe_after_s = 2 * report_interval_s
+        # A replica that cannot answer a probe this fast is no place for a request with a
+        # TTFT budget; it stays out until its next report.
+        self.probe_timeout_s = max(0.05, min(0.2, report_interval_s))
         self._replicas: dict[str, ReplicaHandle] = {}
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -161,6 +231,31 @@ class ReplicaPool:
     def in_rotation(self) -> list[ReplicaHandle]:
         now = time.monotonic()
         return [h for h in self.all() if not h.out_of_rotation_because(now, self.stale_after_s)]
+
+    async def routable(self, exclude: Iterable[str] = ()) -> list[ReplicaHandle]:
+        """The replicas a request may go to now, in endpoint order: those in rotation with a
+        fresh report, and those whose report is stale (but whose watch is still open) that
+        answer a Probe now, so routing ranks them on their queue as of now."""
+        now, skip = time.monotonic(), set(exclude)
+        fresh: list[ReplicaHandle] = []
+        stale: list[ReplicaHandle] = []
+        for handle in self.all():
+            if handle.endpoint in skip:
+                continue
+            # Out for any reason but silence: not asked.
+            if handle.out_of_rotation_because(now, math.inf):
+                continue
+            if now - handle.heard_at <= self.probe_after_s:
+                fresh.append(handle)
+            else:
+                stale.append(handle)
+        if not stale:
+            return fresh
+        answered = await asyncio.gather(*(h.probe(self.probe_timeout_s) for h in stale))
+        if not all(answered):
+            self._notify()  # a failed probe took a replica out of rotation
+        probed = [h for h, ok in zip(stale, answered, strict=True) if ok]
+        return sorted([*fresh, *probed], key=lambda h: h.endpoint)
 
     def ticket(self, handle: ReplicaHandle, prompt_tokens: int) -> Ticket:
         return Ticket(handle, prompt_tokens)

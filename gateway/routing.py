@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from sloserve.errors import FieldError
-from sloserve.gateway.replica_pool import Outstanding
+from sloserve.gateway.replica_pool import Outstanding, Probed
 from sloserve.v1 import inference_pb2, replica_control_pb2
 
 POLICIES = ("slack", "packing", "round-robin", "least-outstanding")
@@ -35,6 +35,8 @@ class Candidate(Protocol):
     def report(self) -> replica_control_pb2.LoadReport | None: ...
     @property
     def outstanding(self) -> Outstanding: ...
+    @property
+    def probed(self) -> Probed | None: ...
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,16 @@ class CostModel:
 
     def predicted_ttft_s(self, replica: Candidate, prompt_tokens: int) -> float:
         report, ours = replica.report, replica.outstanding
-        pending = report.pending_prefill_tokens if report is not None else 0
-        # What the gateway sent counts at once, before a report shows it.
+        # What the gateway sent counts at once, before a report shows it; what it sent
+        # before the latest report is in the report's figures already.
         running = max(report.running if report is not None else 0, ours.in_flight)
-        # Requests the gateway sent may already be in the report's pending tokens; counting
-        # them twice errs on the side of caution, the same way on every replica.
-        queued = pending + ours.awaiting_prompt_tokens + prompt_tokens
-        return queued / self.prefill_tokens_per_s + running * self.running_request_s
+        queued = ours.unreported_prompt_tokens + prompt_tokens
+        busy = running * self.running_request_s
+        if replica.probed is not None:
+            # Newer than the report: the replica's own prediction of its queue.
+            return replica.probed.queue_s + queued / self.prefill_tokens_per_s + busy
+        pending = report.pending_prefill_tokens if report is not None else 0
+        return (pending + queued) / self.prefill_tokens_per_s + busy
 
     def slack_s(self, replica: Candidate, shape: RequestShape) -> float:
         return shape.ttft_budget_s - self.predicted_ttft_s(replica, shape.prompt_tokens)
@@ -84,13 +89,20 @@ class Router:
         self.policy = policy
         self.costs = costs or CostModel()
         self._turn = itertools.count()
+        self._last_turn = 0
 
-    def rank(self, replicas: Sequence[C], shape: RequestShape) -> list[C]:
-        """`replicas` in the order to try them. Ties keep the given (endpoint) order."""
+    def rank(self, replicas: Sequence[C], shape: RequestShape, retry: bool = False) -> list[C]:
+        """`replicas` in the order to try them. Ties keep the given (endpoint) order.
+
+        `retry`: ranking again for a request one replica turned away. Round robin then does
+        not take a turn: a retry must not move the next request's first choice (else a replica
+        that rejects often would be every request's first choice)."""
         if not replicas:
             return []
         if self.policy == "round-robin":
-            start = next(self._turn) % len(replicas)
+            turn = self._last_turn if retry else next(self._turn)
+            self._last_turn = turn
+            start = turn % len(replicas)
             return [*replicas[start:], *replicas[:start]]
         if self.policy == "least-outstanding":
             return sorted(replicas, key=_outstanding_load)

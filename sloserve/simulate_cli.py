@@ -3,6 +3,11 @@
 The same scenarios, analysis and capacity search as `sloserve bench`, so a simulated capacity
 reads like a measured one; only the engine is the step-time model. Simulation is cheap, so a
 load point defaults to the methodology's full 1,000 requests.
+
+`--replicas 1,2,4,8` measures scaling instead: each routing policy of the gateway in front of
+N virtual engines (simulator_cluster.py), capacity per N, and the scaling efficiency
+capacity(N) / (N x capacity(1)) of methodology §3. A load point then has N times `--requests`
+requests, so each replica sees as many as one replica alone does.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,9 @@ from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.cli import CPU_LENGTH_SCALE, FULL
 from sloserve.bench.presets import LengthScale
 from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
-from sloserve.simulator import SimStats, simulate
+from sloserve.gateway.routing import POLICIES as ROUTINGS
+from sloserve.simulator import SimResult, SimStats, simulate
+from sloserve.simulator_cluster import simulate_cluster
 from sloserve.simulator_policies import FCFS_BUDGETS, POLICIES, EngineLimits
 from sloserve.stepmodel import StepTimeModel, shipped_profile
 
@@ -83,15 +91,34 @@ class _Run:
             )
         return self.workloads[key]
 
-    def run(self, policy: str, rate: float, count: int) -> tuple[RunStats, SimStats]:
-        result = simulate(
-            self.workload(rate, count).requests,
-            self.model,
-            self.limits,
-            policy,
-            noise_seed=self.args.seed if self.args.noise else None,
-            step_overhead_s=self.args.step_overhead_ms / 1000,
-        )
+    def run(
+        self, policy: str, rate: float, count: int, replicas: int = 0, routing: str = ""
+    ) -> tuple[RunStats, SimStats]:
+        """One load point on one engine, or, with `replicas`, on that many behind a router."""
+        requests = self.workload(rate, count).requests
+        noise_seed = self.args.seed if self.args.noise else None
+        overhead_s = self.args.step_overhead_ms / 1000
+        result: SimResult
+        if replicas:
+            result = simulate_cluster(
+                requests,
+                self.model,
+                self.limits,
+                replicas,
+                routing,
+                policy,
+                noise_seed=noise_seed,
+                step_overhead_s=overhead_s,
+            )
+        else:
+            result = simulate(
+                requests,
+                self.model,
+                self.limits,
+                policy,
+                noise_seed=noise_seed,
+                step_overhead_s=overhead_s,
+            )
         self.simulated += len(result.records)
         self.wall_s += result.stats.wall_s
         return analyze(result.records), result.stats
@@ -226,6 +253,93 @@ def _sweep(run: _Run, policies: list[str]) -> tuple[dict[str, Any], str]:
     return payload, markdown
 
 
+def _search(run: _Run, start: float, run_at: Callable[[float], RunStats]) -> CapacityResult:
+    return find_capacity(
+        run_at,
+        low=start,
+        resolution=FULL.resolution,
+        max_trials=FULL.max_trials,
+        progress=_progress,
+        growth=FULL.growth,
+    )
+
+
+def _scaling(
+    run: _Run, policy: str, replica_counts: list[int], routings: list[str]
+) -> tuple[dict[str, Any], str]:
+    """Capacity of each routing at each replica count, and its scaling efficiency.
+
+    One replica is routed alike by every policy, so capacity(1) is searched once and is
+    every policy's denominator."""
+    fluid = run.fluid()
+    results: dict[tuple[int, str], CapacityResult] = {}
+    for n in sorted(set([1, *replica_counts])):
+        for routing in routings if n > 1 else routings[:1]:
+            count = run.args.requests * n
+            start = float(f"{max(fluid * n * FULL.start_fraction, 0.01):.2g}")
+            _progress(f"== {n} replica(s), {routing} routing, {count} requests per load point")
+
+            def run_at(
+                rate: float, n: int = n, routing: str = routing, count: int = count
+            ) -> RunStats:
+                return run.run(policy, rate, count, replicas=n, routing=routing)[0]
+
+            results[(n, routing)] = _search(run, start, run_at)
+            _progress(f"== capacity {results[(n, routing)].capacity:.3f} req/s")
+    one = results[(1, routings[0])].capacity
+    rows: list[tuple[int, str, CapacityResult]] = []
+    table: dict[str, dict[str, Any]] = {}
+    for routing in routings:
+        table[routing] = {}
+        for n in replica_counts:
+            result = results[(n, routing if n > 1 else routings[0])]
+            efficiency = result.capacity / (n * one) if one > 0 else None
+            rows.append((n, routing, result))
+            table[routing][str(n)] = {
+                "capacity_rps": result.capacity,
+                "capacity_per_replica_rps": result.capacity / n,
+                "scaling_efficiency": efficiency,
+                "lower_bound": result.status == "no_failure",
+                "search": result.to_json(),
+            }
+    payload = {
+        "policy": policy,
+        "fluid_bound_per_replica_rps": fluid,
+        "capacity_1_replica_rps": one,
+        "scaling": table,
+    }
+    return payload, _scaling_table(run, policy, rows, one)
+
+
+def _scaling_table(
+    run: _Run, policy: str, rows: list[tuple[int, str, CapacityResult]], one: float
+) -> str:
+    lines = [
+        f"### {run.args.scenario}: scaling over replicas (simulated, {policy} scheduling, "
+        f"{run.args.requests} requests per replica per load point)\n",
+        "| replicas | routing | capacity (req/s) | per replica (req/s) | scaling efficiency |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for n, routing, result in rows:
+        bound = ">= " if result.status == "no_failure" else ""
+        efficiency = f"{result.capacity / (n * one):.2f}" if one > 0 else report.MISSING
+        lines.append(
+            f"| {n} | {routing} | {bound}{result.capacity:.3g} | "
+            f"{result.capacity / n:.3g} | {efficiency} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _replica_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"--replicas: comma-separated counts, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--replicas: counts must be at least 1, got {text!r}")
+    return counts
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "simulate", help="run scheduling policies on a virtual engine (step-time model)"
@@ -266,6 +380,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--noise", action="store_true", help="scatter step times as the profile's residuals"
     )
     p.add_argument(
+        "--replicas",
+        help="comma-separated replica counts (1,2,4,8): scaling of each routing policy "
+        "behind a simulated gateway, instead of one engine",
+    )
+    p.add_argument(
+        "--routing",
+        default="all",
+        choices=[*ROUTINGS, "all"],
+        help="with --replicas: the gateway's routing policy (default: all)",
+    )
+    p.add_argument(
         "--step-overhead-ms",
         type=float,
         default=0.0,
@@ -282,7 +407,16 @@ def main(args: argparse.Namespace) -> int:
     policies = list(POLICIES) if args.policy == "all" else [args.policy]
     started = time.perf_counter()
     payload = _describe(run, policies, profile_name)
-    if args.rate is not None:
+    if args.replicas is not None:
+        if args.rate is not None:
+            raise SystemExit("--replicas searches capacities: leave out --rate")
+        # Scaling is the routing's question: every replica runs the SLO scheduler unless
+        # one policy is named.
+        policy = "sloserve" if args.policy == "all" else args.policy
+        routings = list(ROUTINGS) if args.routing == "all" else [args.routing]
+        payload["policies"] = [policy]
+        results, markdown = _scaling(run, policy, _replica_counts(args.replicas), routings)
+    elif args.rate is not None:
         results, markdown = _at_rate(run, policies)
     else:
         results, markdown = _sweep(run, policies)

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -147,6 +147,23 @@ class _Live:
     view: SloRequest
 
 
+class EngineHooks(Protocol):
+    """How an engine behind a router (simulator_cluster.py) tells the router what happened.
+    Alone, an engine needs none: it takes its own session rounds and rejects for good."""
+
+    def release(self, request: BenchRequest, at: float) -> None:
+        """A session's next round arrives at `at` (its previous round completed)."""
+
+    def rejected(self, request: BenchRequest, sent_at: float, reason: str, now: float) -> bool:
+        """The engine turned `request` away at `now`; True when the router takes it on (it
+        tries another engine), False to end it as rejected."""
+
+    def first_token(self, request: BenchRequest) -> None: ...
+
+    def ended(self, request: BenchRequest) -> None:
+        """The request left the engine (completed, failed or rejected)."""
+
+
 class VirtualEngine:
     """One run of a workload through a policy; build one per run (the policy keeps state)."""
 
@@ -158,6 +175,7 @@ class VirtualEngine:
         name: str = "",
         noise: StepNoise | None = None,
         step_overhead_s: float = 0.0,
+        hooks: EngineHooks | None = None,
     ) -> None:
         self.model = model
         self.limits = limits
@@ -166,9 +184,11 @@ class VirtualEngine:
         self.step_overhead_s = step_overhead_s
         self.now = 0.0
         self.stats = SimStats(policy=name or type(policy).__name__, requests=0)
+        self.hooks = hooks
         self._records: dict[int, RequestRecord] = {}
         self._followers: dict[int, list[BenchRequest]] = {}
-        self._arrivals: list[tuple[float, int, BenchRequest]] = []
+        # (when it reaches the engine, index, request, when it arrived: its deadlines' start)
+        self._arrivals: list[tuple[float, int, BenchRequest, float]] = []
         # In-engine requests, by the kind of work they need next (each is in exactly one).
         self._decoding: dict[str, _Live] = {}
         self._prefilling: dict[str, _Live] = {}
@@ -184,27 +204,77 @@ class VirtualEngine:
         self.stats.requests = len(requests)
         for request in requests:
             if request.after is None:
-                heapq.heappush(self._arrivals, (request.arrival_s, request.index, request))
+                self.submit(request, request.arrival_s)
             else:
-                self._followers.setdefault(request.after, []).append(request)
-        while self._arrivals or self._decoding or self._prefilling:
-            while self._arrivals and self._arrivals[0][0] <= self.now:
-                at, _, request = heapq.heappop(self._arrivals)
-                self._arrive(request, at)
-            if not (self._decoding or self._prefilling):
-                if self._arrivals:
-                    self.now = max(self.now, self._arrivals[0][0])
-                continue
-            self._expire()
-            if self._decoding or self._prefilling:
-                self._step()
-        self.stats.virtual_s = self.now
-        self.stats.counters = _counter_json(self.policy.counters)
+                self.follow(request)
+        while self.next_time() is not None:
+            self.advance()
+        self.finish_stats()
         self.stats.wall_s = time.perf_counter() - started
         missing = [r.index for r in requests if r.index not in self._records]
         if missing:
             raise SimulationError(f"requests {missing[:5]} never arrived: `after` out of order")
         return SimResult([self._records[r.index] for r in requests], self.stats)
+
+    # -- driven one turn at a time (by run, or by a router over several engines) -------------
+
+    def submit(self, request: BenchRequest, at: float, sent_at: float | None = None) -> None:
+        """`request` reaches the engine at `at`; its deadlines count from `sent_at` (its
+        arrival at the system; `at` unless a router tried another engine first)."""
+        arrived = at if sent_at is None else sent_at
+        heapq.heappush(self._arrivals, (at, request.index, request, arrived))
+
+    def follow(self, request: BenchRequest) -> None:
+        """A later session round, released when the round it follows (`after`) ends."""
+        assert request.after is not None
+        self._followers.setdefault(request.after, []).append(request)
+
+    def next_time(self) -> float | None:
+        """When the engine next does something: its next step, or the next arrival when it
+        is idle; None with nothing to do."""
+        if self._decoding or self._prefilling:
+            return self.now
+        if self._arrivals:
+            return max(self.now, self._arrivals[0][0])
+        return None
+
+    def advance(self) -> None:
+        """One turn: the arrivals due, then one step if there is work."""
+        at = self.next_time()
+        if at is None:
+            return
+        self.now = at
+        while self._arrivals and self._arrivals[0][0] <= self.now:
+            _, _, request, arrived = heapq.heappop(self._arrivals)
+            self._arrive(request, arrived)
+        if self._decoding or self._prefilling:
+            self._expire()
+            if self._decoding or self._prefilling:
+                self._step()
+
+    @property
+    def records(self) -> dict[int, RequestRecord]:
+        """Every request that ended here or is still here, by workload index."""
+        return self._records
+
+    @property
+    def running(self) -> int:
+        """Requests holding KV or decoding (vLLM's running queue)."""
+        started = sum(1 for live in self._prefilling.values() if live.view.computed_tokens)
+        return len(self._decoding) + started
+
+    @property
+    def waiting(self) -> int:
+        return len(self._prefilling) - (self.running - len(self._decoding))
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens of requests with no first token yet (the replica's load report)."""
+        return sum(live.bench.prompt_tokens for live in self._prefilling.values())
+
+    def finish_stats(self) -> None:
+        self.stats.virtual_s = self.now
+        self.stats.counters = _counter_json(self.policy.counters)
 
     # -- arrivals and departures ---------------------------------------------------------------
 
@@ -228,6 +298,11 @@ class VirtualEngine:
         view = SloRequest(rid, slo, request.prompt_tokens, max_tokens=request.output_tokens)
         verdict = self.policy.arrive(self.now, view)
         if verdict.rejected:
+            if self.hooks is not None and self.hooks.rejected(
+                request, at, verdict.reason.name, self.now
+            ):
+                del self._records[request.index]  # the router sends it elsewhere
+                return
             record.rejected = True
             record.reject_reason = verdict.reason.name
             self._end(request, record)
@@ -240,10 +315,15 @@ class VirtualEngine:
         record.finished_at = self.now
         record.error = error
         record.completed = not error and not record.rejected
+        if self.hooks is not None:
+            self.hooks.ended(request)
         for follower in self._followers.pop(request.index, []):
             if record.completed:
                 at = self.now + follower.delay_s
-                heapq.heappush(self._arrivals, (at, follower.index, follower))
+                if self.hooks is not None:
+                    self.hooks.release(follower, at)
+                else:
+                    self.submit(follower, at)
             else:
                 failed = RequestRecord(follower, sent_at=self.now)
                 self._records[follower.index] = failed
@@ -377,6 +457,8 @@ class VirtualEngine:
         if was_decoding or (view.output_tokens == 0 and view.prefill_left == 0):
             view.on_tokens(1, self.now)
             live.record.token_times.append(self.now)
+            if self.hooks is not None and len(live.record.token_times) == 1:
+                self.hooks.first_token(live.bench)
         if not was_decoding and view.decoding:
             del self._prefilling[view.request_id]
             self._decoding[view.request_id] = live

@@ -20,7 +20,7 @@ from sloserve.gateway.affinity import AffinityTable
 from sloserve.gateway.dispatch import Dispatcher
 from sloserve.gateway.metrics import GatewayMetrics
 from sloserve.gateway.openai_format import body_field, generate_request
-from sloserve.gateway.replica_pool import Outstanding, ReplicaPool
+from sloserve.gateway.replica_pool import Outstanding, Probed, ReplicaPool
 from sloserve.gateway.routing import RequestShape, Router
 from sloserve.gateway.slo_summary import SloSummary
 from sloserve.gateway.spillover import SpilloverDrainer, SpilloverQueue
@@ -107,6 +107,7 @@ class FakeReplica:
     endpoint: str
     report: replica_control_pb2.LoadReport | None
     outstanding: Outstanding = field(default_factory=Outstanding)
+    probed: Probed | None = None
 
 
 def dispatcher(policy: str) -> Dispatcher:

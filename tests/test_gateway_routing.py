@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from sloserve.errors import FieldError
-from sloserve.gateway.replica_pool import Outstanding
+from sloserve.gateway.replica_pool import Outstanding, Probed
 from sloserve.gateway.routing import CostModel, RequestShape, Router, estimate_prompt_tokens
 from sloserve.v1 import inference_pb2, replica_control_pb2
 
@@ -20,6 +20,7 @@ class FakeReplica:
     endpoint: str
     report: replica_control_pb2.LoadReport | None
     outstanding: Outstanding = field(default_factory=Outstanding)
+    probed: Probed | None = None
 
 
 def replica(endpoint: str, pending: int = 0, running: int = 0) -> FakeReplica:
@@ -42,8 +43,27 @@ def test_slack_prefers_the_replica_with_the_least_queued_prefill() -> None:
 def test_slack_counts_what_the_gateway_sent_since_the_last_report() -> None:
     # Both report the same load, but the gateway just sent 500 prompt tokens to "a".
     a, b = replica("a", pending=100), replica("b", pending=100)
-    a.outstanding = Outstanding(in_flight=1, awaiting_first_token=1, awaiting_prompt_tokens=500)
+    a.outstanding = Outstanding(1, 1, awaiting_prompt_tokens=500, unreported_prompt_tokens=500)
     assert names(Router("slack", COSTS).rank([a, b], SHAPE)) == ["b", "a"]
+
+
+def test_prompts_already_in_the_report_are_not_counted_twice() -> None:
+    # "a" reports the 500-token prompt the gateway sent before the report; "b" has 700
+    # tokens of other clients' work. Counted twice, "a" would look like 1,000 tokens.
+    a, b = replica("a", pending=500), replica("b", pending=700)
+    a.outstanding = Outstanding(1, 1, awaiting_prompt_tokens=500, unreported_prompt_tokens=0)
+    b.outstanding = Outstanding()
+    assert COSTS.predicted_ttft_s(a, 100) == pytest.approx(0.6 + 0.01)
+    assert names(Router("slack", COSTS).rank([a, b], SHAPE)) == ["a", "b"]
+
+
+def test_a_probe_answer_newer_than_the_report_replaces_its_queue() -> None:
+    # The stale report says 2,000 tokens wait; the probe says the queue is 0.1 s now.
+    a = replica("a", pending=2000)
+    a.probed = Probed(at=0.0, queue_s=0.1)
+    a.outstanding = Outstanding(1, 1, awaiting_prompt_tokens=200, unreported_prompt_tokens=200)
+    # 0.1 s queue + (200 sent since + 100) tokens at 1,000 tokens/s + 1 running x 10 ms
+    assert COSTS.predicted_ttft_s(a, 100) == pytest.approx(0.1 + 0.3 + 0.01)
 
 
 def test_slack_counts_running_requests() -> None:
@@ -95,3 +115,12 @@ def test_prompt_length_estimates() -> None:
     assert estimate_prompt_tokens(ids) == 3
     assert estimate_prompt_tokens(inference_pb2.Prompt(text="x" * 400)) == 100
     assert estimate_prompt_tokens(inference_pb2.Prompt(text="hi")) == 1
+
+
+def test_round_robin_takes_no_turn_for_a_retry() -> None:
+    replicas = [replica("a"), replica("b")]
+    router = Router("round-robin", COSTS)
+    assert router.rank(replicas, SHAPE)[0].endpoint == "a"
+    # "a" turned the request away: ranking the rest again is no new turn
+    assert names(router.rank(replicas[1:], SHAPE, retry=True)) == ["b"]
+    assert router.rank(replicas, SHAPE)[0].endpoint == "b"

@@ -9,16 +9,30 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sloserve.bench import planner_overhead, report
 from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
+from sloserve.bench.overload import overload_report, overload_table
 from sloserve.bench.presets import LengthScale
 from sloserve.bench.runner import PromptBook, run
-from sloserve.bench.systems import BASELINE, SYSTEMS, VLLM_VARIANTS, EngineShape, running
+from sloserve.bench.systems import (
+    BASELINE,
+    ROUTING_SYSTEM,
+    ROUTING_VARIANTS,
+    SYSTEMS,
+    VLLM_VARIANTS,
+    EngineShape,
+    SystemSpec,
+    running,
+    running_gateway,
+    running_replicas,
+)
 from sloserve.bench.targets import make_target
 from sloserve.bench.types import RequestRecord
 from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
@@ -64,7 +78,7 @@ def _load_profile(path: Path | None) -> StepTimeModel:
 
 
 def _workload(args: argparse.Namespace, model: StepTimeModel, rate: float, count: int) -> Workload:
-    return build_scenario(
+    workload = build_scenario(
         args.scenario,
         model=model,
         rate=rate,
@@ -74,6 +88,12 @@ def _workload(args: argparse.Namespace, model: StepTimeModel, rate: float, count
         trace_dir=args.trace_dir,
         chunk_tokens=int(model.metadata.get("engine", {}).get("max_num_batched_tokens", 2048)),
     )
+    if getattr(args, "best_effort", False):
+        # Every request accepts best effort: what a gateway cannot admit waits in its
+        # spillover queue instead of being turned away.
+        requests = [replace(r, allow_best_effort=True) for r in workload.requests]
+        workload = replace(workload, requests=requests)
+    return workload
 
 
 def _run_once(
@@ -142,21 +162,21 @@ def _search(
     target_spec: str,
     use_priority: bool,
     start_rate: float,
+    prompt_salt: int = 0,
 ) -> tuple[CapacityResult, dict[float, list[RequestRecord]]]:
+    """The capacity search. `prompt_salt` shifts every prompt seed: systems that share
+    replicas (the routing variants) each get prompts of their own, so no variant finds its
+    prompts in a prefix cache another variant filled."""
     records_by_rate: dict[float, list[RequestRecord]] = {}
 
     def run_at(rate: float) -> RunStats:
         workload = _workload(args, model, rate, mode.requests)
-        seed = _prompt_seed(args.seed, rate)
+        seed = _prompt_seed(args.seed, rate) + prompt_salt
         records = _run_once(target_spec, workload, args.vocab, use_priority, seed)
         records_by_rate[rate] = records
         return analyze(records)
 
-    # A fresh server's first requests are slow (allocator, caches, lazy imports); without a
-    # warm-up the first load point of every search would fail for that reason alone.
-    _progress(f"warm-up: {WARMUP_REQUESTS} requests, not recorded")
-    warmup = _workload(args, model, start_rate, WARMUP_REQUESTS)
-    _run_once(target_spec, warmup, args.vocab, use_priority, prompt_seed=-1 - args.seed)
+    _warm_up(args, model, target_spec, use_priority, start_rate, prompt_salt)
     result = find_capacity(
         run_at,
         low=start_rate,
@@ -168,8 +188,34 @@ def _search(
     return result, records_by_rate
 
 
+def _warm_up(
+    args: argparse.Namespace,
+    model: StepTimeModel,
+    target_spec: str,
+    use_priority: bool,
+    rate: float,
+    prompt_salt: int = 0,
+) -> None:
+    # A fresh server's first requests are slow (allocator, caches, lazy imports); without a
+    # warm-up the first load point of every search would fail for that reason alone.
+    _progress(f"warm-up: {WARMUP_REQUESTS} requests, not recorded")
+    warmup = _workload(args, model, rate, WARMUP_REQUESTS)
+    seed = -1 - args.seed + prompt_salt
+    _run_once(target_spec, warmup, args.vocab, use_priority, prompt_seed=seed)
+
+
+# Routing variant k's prompt seeds are shifted by k times this (see _search).
+ROUTED_PROMPT_SALT = 7_919
+
+
 def _mode(args: argparse.Namespace) -> Mode:
-    return QUICK if args.quick else FULL
+    mode = QUICK if args.quick else FULL
+    if args.load_point_requests:
+        # Quick mode's 40 requests give a class 6-8 per load point: one miss fails it. More
+        # requests per point keep quick mode's search settings but judge on more requests.
+        n = args.load_point_requests
+        return replace(mode, name=f"{mode.name}, {n} requests per load point", requests=n)
+    return mode
 
 
 def _describe_run(
@@ -183,8 +229,8 @@ def _describe_run(
         "search_settings": asdict(mode),
         "requests_per_load_point": mode.requests,
         "mode_note": (
-            "quick mode: fewer requests than the methodology's 1,000 per load point, one seed"
-            if mode is QUICK
+            f"{mode.requests} requests per load point, fewer than the methodology's 1,000; one seed"
+            if mode.requests < FULL.requests
             else "full mode"
         ),
         "seed": args.seed,
@@ -194,6 +240,48 @@ def _describe_run(
     }
 
 
+def _engine_shape(args: argparse.Namespace) -> EngineShape:
+    return EngineShape(
+        model=args.model, max_model_len=BENCH_MAX_MODEL_LEN, kv_cache_gib=args.kv_cache_gib
+    )
+
+
+class SharedReplicas:
+    """sloserve replicas for gateways: started on first use, stopped when the block ends,
+    so every routing variant of a comparison runs over the same replicas."""
+
+    def __init__(self, shape: EngineShape, count: int, log_dir: Path) -> None:
+        self._shape, self._count, self._log_dir = shape, count, log_dir
+        self._stack = ExitStack()
+        self._endpoints: list[str] | None = None
+
+    def endpoints(self) -> list[str]:
+        if self._endpoints is None:
+            _progress(f"starting {self._count} sloserve replica(s)")
+            replicas = running_replicas(self._shape, self._count, self._log_dir)
+            self._endpoints = self._stack.enter_context(replicas)
+        return self._endpoints
+
+    def __enter__(self) -> SharedReplicas:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+@contextmanager
+def _system(
+    spec: SystemSpec, shape: EngineShape, out: Path, replicas: SharedReplicas
+) -> Iterator[str]:
+    """Starts `spec` and yields its target; a gateway goes in front of `replicas`."""
+    if spec.routed:
+        with running_gateway(spec, replicas.endpoints(), out / f"{spec.name}.log") as target:
+            yield target
+    else:
+        with running(spec, shape, out / f"{spec.name}.log") as target:
+            yield target
+
+
 def run_command(args: argparse.Namespace) -> int:
     mode = _mode(args)
     model = _load_profile(args.profile)
@@ -201,71 +289,147 @@ def run_command(args: argparse.Namespace) -> int:
     reference = _workload(args, model, 1.0, mode.requests)
     payload = _describe_run(args, mode, model, reference)
     use_priority = args.priority
-    if args.rate is not None:
-        count = args.requests or (round(args.rate * args.duration) if args.duration else 0)
-        workload = _workload(args, model, args.rate, count or mode.requests)
-        seed = _prompt_seed(args.seed, args.rate)
-        records = _run_once(args.target, workload, args.vocab, use_priority, seed)
-        stats = analyze(records)
-        payload |= {"rate": args.rate, "stats": stats.to_json()}
-        report.plot_latency_distributions(args.out / "latency.png", {args.target: records})
-        row = report.AttainmentRow(
-            args.target, args.rate, stats.attainment, stats.drain.drained, stats.meets()
-        )
-        table = report.markdown_table([row]) + "\n" + report.outcome_table(stats)
-    else:
-        fluid = _fluid(model, reference)
-        start = _start_rate(args, mode, fluid)
-        result, by_rate = _search(args, mode, model, args.target, use_priority, start)
-        payload |= {"capacity": result.to_json(), "fluid_bound": fluid}
-        rows = report.rows_from_capacity(args.target, result)
-        table = report.markdown_table(rows)
-        report.plot_attainment(
-            args.out / "attainment.png", {args.target: [(r.rate, dict(r.attainment)) for r in rows]}
-        )
-        if by_rate:
-            report.plot_latency_distributions(
-                args.out / "latency.png", {args.target: by_rate[max(by_rate)]}
+    shape = _engine_shape(args)
+    with SharedReplicas(shape, args.replicas, args.out) as replicas, ExitStack() as stack:
+        target_spec = args.target
+        if args.system is not None:
+            spec = SYSTEMS[args.system]
+            use_priority = use_priority or spec.use_priority
+            _progress(f"== {spec.name}: {spec.description}")
+            target_spec = stack.enter_context(_system(spec, shape, args.out, replicas))
+            payload |= {"system": spec.name, "replicas": args.replicas if spec.routed else 1}
+            if args.rate is not None:  # a search warms up on its own
+                _warm_up(args, model, target_spec, use_priority, args.rate)
+        label = args.system or target_spec
+        if args.rate is not None:
+            table = _single_run(args, mode, model, target_spec, use_priority, label, payload)
+        else:
+            fluid = _fluid(model, reference) * _replicas_of(args)
+            start = _start_rate(args, mode, fluid)
+            result, by_rate = _search(args, mode, model, target_spec, use_priority, start)
+            payload |= {"capacity": result.to_json(), "fluid_bound": fluid}
+            rows = report.rows_from_capacity(label, result)
+            table = report.markdown_table(rows)
+            report.plot_attainment(
+                args.out / "attainment.png",
+                {label: [(r.rate, dict(r.attainment)) for r in rows]},
             )
+            if by_rate:
+                report.plot_latency_distributions(
+                    args.out / "latency.png", {label: by_rate[max(by_rate)]}
+                )
     report.write_results(args.out / "results.json", payload)
     (args.out / "results.md").write_text(table + "\n")
     print(table)
     return 0
 
 
+def _replicas_of(args: argparse.Namespace) -> int:
+    """Replicas behind the target, when this command started them (else one)."""
+    if args.system is not None and SYSTEMS[args.system].routed:
+        return int(args.replicas)
+    return 1
+
+
+def _single_run(
+    args: argparse.Namespace,
+    mode: Mode,
+    model: StepTimeModel,
+    target_spec: str,
+    use_priority: bool,
+    label: str,
+    payload: dict[str, Any],
+) -> str:
+    """One run at --rate; fills `payload`; returns the markdown tables."""
+    count = args.requests or (round(args.rate * args.duration) if args.duration else 0)
+    workload = _workload(args, model, args.rate, count or mode.requests)
+    seed = _prompt_seed(args.seed, args.rate)
+    records = _run_once(target_spec, workload, args.vocab, use_priority, seed)
+    stats = analyze(records)
+    overload = overload_report(records)
+    payload |= {
+        "rate": args.rate,
+        "best_effort_accepted": bool(args.best_effort),
+        "stats": stats.to_json(),
+        "overload": overload.to_json(),
+    }
+    report.plot_latency_distributions(args.out / "latency.png", {label: records})
+    row = report.AttainmentRow(
+        label, args.rate, stats.attainment, stats.drain.drained, stats.meets()
+    )
+    return (
+        report.markdown_table([row])
+        + "\n"
+        + report.outcome_table(stats)
+        + "\n"
+        + overload_table(overload)
+    )
+
+
+def _compare_systems(args: argparse.Namespace) -> list[str]:
+    """The systems to compare, single-replica systems first: the routing variants share
+    replicas that are started once and stay up until the end."""
+    if args.systems:
+        systems = args.systems.split(",")
+    elif args.replicas is not None:
+        systems = list(ROUTING_VARIANTS)
+    else:
+        systems = [*VLLM_VARIANTS, "sloserve"]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; known: {sorted(SYSTEMS)}")
+    single = [s for s in systems if not SYSTEMS[s].routed]
+    if single and (args.replicas or 1) > 1:
+        raise SystemExit(
+            f"--replicas {args.replicas} applies to gateway systems ({', '.join(ROUTING_VARIANTS)})"
+            f"; {single} run on one replica each: compare them without --replicas"
+        )
+    return [*single, *(s for s in systems if SYSTEMS[s].routed)]
+
+
 def compare_command(args: argparse.Namespace) -> int:
     mode = _mode(args)
     model = _load_profile(args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
-    systems = args.systems.split(",") if args.systems else [*VLLM_VARIANTS, "sloserve"]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown:
-        raise SystemExit(f"unknown systems {unknown}; known: {sorted(SYSTEMS)}")
-    shape = EngineShape(
-        model=args.model, max_model_len=BENCH_MAX_MODEL_LEN, kv_cache_gib=args.kv_cache_gib
-    )
+    systems = _compare_systems(args)
+    replicas = args.replicas or 1
+    routed = [name for name in systems if SYSTEMS[name].routed]
+    shape = _engine_shape(args)
     reference = _workload(args, model, 1.0, mode.requests)
+    # The bound of one replica; a routed system's search starts from its replicas' sum.
     fluid = _fluid(model, reference)
-    start = _start_rate(args, mode, fluid)
     results: dict[str, CapacityResult] = {}
     last_records: dict[str, list[RequestRecord]] = {}
-    for name in systems:
-        spec = SYSTEMS[name]
-        _progress(f"== {name}: {spec.description}")
-        with running(spec, shape, args.out / f"{name}.log") as target_spec:
-            result, by_rate = _search(args, mode, model, target_spec, spec.use_priority, start)
-        results[name] = result
-        if by_rate:
-            last_records[name] = by_rate[max(by_rate)]
-        _progress(f"== {name}: capacity {result.capacity:.3f} req/s ({result.status})")
+    with SharedReplicas(shape, replicas, args.out) as shared:
+        for name in systems:
+            spec = SYSTEMS[name]
+            system_fluid = fluid * (replicas if spec.routed else 1)
+            start = _start_rate(args, mode, system_fluid)
+            salt = ROUTED_PROMPT_SALT * (routed.index(name) + 1) if spec.routed else 0
+            _progress(f"== {name}: {spec.description}")
+            with _system(spec, shape, args.out, shared) as target_spec:
+                result, by_rate = _search(
+                    args, mode, model, target_spec, spec.use_priority, start, salt
+                )
+            results[name] = result
+            if by_rate:
+                last_records[name] = by_rate[max(by_rate)]
+            _progress(f"== {name}: capacity {result.capacity:.3f} req/s ({result.status})")
 
-    summary = _summary(args, mode, model, reference, systems, results, fluid)
+    summary = _summary(args, mode, model, reference, systems, results, fluid, replicas)
+    fluid *= replicas  # only routed systems run with several replicas (_compare_systems)
     report.write_results(args.out / "summary.json", summary)
     rows = [row for name in systems for row in report.rows_from_capacity(name, results[name])]
     capacity_rows = [report.CapacityRow.from_result(name, results[name]) for name in systems]
-    baselines = [BASELINE] if BASELINE in systems else []
+    baselines = [b for b in (BASELINE, *ROUTING_VARIANTS[1:]) if b in systems]
+    routed_note = (
+        f"{replicas} sloserve replica(s) behind each gateway; the fluid bound is theirs\n\n"
+        if routed
+        else ""
+    )
     markdown = (
         f"### {args.scenario} ({mode.name} mode)\n\n"
+        + routed_note
         + report.capacity_table(capacity_rows, fluid_bound=fluid, baselines=baselines)
         + "\n\n"
         + report.markdown_table(rows)
@@ -295,7 +459,9 @@ def _summary(
     systems: list[str],
     results: dict[str, CapacityResult],
     fluid: float,
+    replicas: int = 1,
 ) -> dict[str, Any]:
+    """`fluid` is one replica's bound; a routed system's is `replicas` times it."""
     capacity = {name: results[name].capacity for name in systems}
     ratios: dict[str, float | None] = {}
     for a in systems:
@@ -311,9 +477,11 @@ def _summary(
         "systems": {
             name: {
                 "description": SYSTEMS[name].description,
+                "replicas": replicas if SYSTEMS[name].routed else 1,
                 "capacity_rps": results[name].capacity,
                 "capacity_99_rps": results[name].capacity_99,
-                "capacity_fraction_of_fluid_bound": results[name].capacity / fluid
+                "capacity_fraction_of_fluid_bound": results[name].capacity
+                / (fluid * (replicas if SYSTEMS[name].routed else 1))
                 if fluid
                 else None,
                 "search": results[name].to_json(),
@@ -326,6 +494,29 @@ def _summary(
         "capacity_ratios": ratios,
         "best_tuned_vllm": best_tuned,
         "headline": _headline(capacity, best_tuned),
+        "routing": _routing_headline(capacity, replicas),
+    }
+
+
+def _routing_headline(capacity: dict[str, float], replicas: int) -> dict[str, Any]:
+    """The routing variants' capacities and sloserve routing's ratio to each baseline."""
+    variants = {name: capacity[name] for name in ROUTING_VARIANTS if name in capacity}
+    if not variants:
+        return {}
+    ours = variants.get(ROUTING_SYSTEM)
+
+    def ratio(baseline: str) -> float | None:
+        theirs = variants.get(baseline)
+        if ours is None or not theirs:
+            return None
+        return ours / theirs
+
+    return {
+        "replicas": replicas,
+        "capacity_rps": variants,
+        "capacity_per_replica_rps": {name: c / replicas for name, c in variants.items()},
+        "sloserve/round-robin": ratio("gateway-round-robin"),
+        "sloserve/least-outstanding": ratio("gateway-least-outstanding"),
     }
 
 
@@ -352,6 +543,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
         p.add_argument("--quick", action="store_true", help="CI mode: 40 requests per load point")
+        p.add_argument(
+            "--load-point-requests",
+            type=int,
+            metavar="N",
+            help="requests per load point of a search (default: 40 with --quick, else 1000)",
+        )
         p.add_argument("--out", type=Path, required=True, help="results directory")
         p.add_argument(
             "--profile", type=Path, help=f"step profile (default: shipped {DEFAULT_PROFILE})"
@@ -372,7 +569,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     run_p = verbs.add_parser("run", help="run one target at a rate, or search its capacity")
     common(run_p)
-    run_p.add_argument("--target", required=True, help="sloserve:HOST:PORT or openai:URL")
+    system = run_p.add_mutually_exclusive_group(required=True)
+    system.add_argument("--target", help="sloserve:HOST:PORT or openai:URL (already running)")
+    system.add_argument(
+        "--system",
+        choices=sorted(SYSTEMS),
+        help="start this system (as bench compare does), warm it up, run, stop it",
+    )
+    run_p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with a gateway --system: sloserve replicas behind it (default: 1)",
+    )
+    run_p.add_argument("--kv-cache-gib", type=float, default=1.0, help="with --system")
+    run_p.add_argument(
+        "--best-effort",
+        action="store_true",
+        help="every request accepts best effort (a gateway queues what it cannot admit)",
+    )
     run_p.add_argument("--rate", type=float, help="requests per second (default: --sweep)")
     run_p.add_argument("--sweep", action="store_true", help="search capacity by bisection")
     sized = run_p.add_mutually_exclusive_group()
@@ -397,7 +612,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     common(compare_p)
     compare_p.add_argument("--kv-cache-gib", type=float, default=1.0)
     compare_p.add_argument(
-        "--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)"
+        "--systems",
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (default: the stock vLLM "
+        "variants and sloserve; with --replicas, the gateway routing variants)",
+    )
+    compare_p.add_argument(
+        "--replicas",
+        type=int,
+        help="sloserve replicas behind each gateway-* system, started once for all of them",
     )
 
 
@@ -439,6 +661,8 @@ def main(args: argparse.Namespace) -> int:
         if not config.exists():
             raise SystemExit(f"no {config}: give --model or --vocab")
         args.vocab = int(json.loads(config.read_text())["vocab_size"])
+    if getattr(args, "replicas", None) is not None and args.replicas < 1:
+        raise SystemExit("--replicas must be at least 1")
     if args.verb == "run":
         if args.rate is None and not args.sweep:
             args.sweep = True
