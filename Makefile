@@ -8,11 +8,11 @@ STAMP := $(VENV)/.sloserve-installed
 VLLM_EXTRA ?= cpu
 TINY_MODEL := .models/tiny
 
-.PHONY: install up test lint proto model clean
+.PHONY: install up test lint proto model clean control-plane
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/k8s/install-helm.sh
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sloserve needs Python 3.11+"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml
 	@# `import transformers` ("operator torchvision::nms does not exist"); text models never
 	@# use them.
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	bash scripts/k8s/install-helm.sh $(VENV)
 	touch $@
+
+# The tests' real Kubernetes control plane (sloserve/devcluster): kube-apiserver,
+# kube-controller-manager and kube-scheduler 1.20.2, built from Debian's source (about 4 min,
+# needs root for apt) into ~/.cache/sloserve (or SLOSERVE_CACHE); seconds when already built.
+control-plane:
+	bash scripts/k8s/build-control-plane.sh
 
 model: $(TINY_MODEL)/config.json
 
@@ -31,14 +38,14 @@ $(TINY_MODEL)/config.json: | $(STAMP)
 up: install model
 	bash scripts/up.sh $(TINY_MODEL)
 
-test: install
+test: install control-plane
 	$(VENV)/bin/pytest -ra
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy tests
+	$(VENV)/bin/mypy tests e2e
 
 proto: install
 	$(PY) proto/generate.py

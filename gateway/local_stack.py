@@ -1,4 +1,8 @@
-"""`sloserve up`: N replicas and a gateway as local processes, until Ctrl-C.
+"""`sloserve up`: N replicas and a gateway, until Ctrl-C.
+
+Backends place the replicas: `local` (default) runs them as local processes, `ray` as Ray
+actors (gateway/ray_backend.py), on a local Ray or the cluster at `--ray-address`. The gateway
+is a local process either way, given the replicas' endpoints.
 
 Each child runs in a session of its own, so Ctrl-C reaches only this process, which then
 stops the gateway first (it drains what is in flight) and the replicas after it. Logs go to
@@ -15,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from sloserve.client import serving
 
@@ -35,6 +40,8 @@ class StackSettings:
     kv_cache_gib: float | None = None
     startup_timeout_s: float = 300.0
     log_dir: Path | None = None  # None: a new temporary directory
+    backend: str = "local"  # local | ray
+    ray_address: str | None = None  # None: start a local Ray (backend ray)
 
 
 @dataclass
@@ -69,74 +76,142 @@ def _sloserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "sloserve", *args]
 
 
-def _children(settings: StackSettings, log_dir: Path) -> list[_Child]:
-    classes = ["--classes", str(settings.classes_file)] if settings.classes_file else []
+def _replica_args(settings: StackSettings) -> list[str]:
+    """What every replica is given besides its address and ports."""
+    classes = ["--classes", str(settings.classes_file.resolve())] if settings.classes_file else []
     kv = ["--kv-cache-gib", str(settings.kv_cache_gib)] if settings.kv_cache_gib else []
-    replicas = []
-    for i in range(settings.replicas):
-        port = settings.first_replica_port + i
-        command = _sloserve(
-            "replica", "--model", str(settings.model), "--host", settings.host,
-            "--port", str(port), "--metrics-port", "-1", "--enforce-eager", *classes, *kv,
-        )  # fmt: skip
-        endpoint = f"{settings.host}:{port}"
-        replicas.append(_Child(f"replica-{i}", command, endpoint, log_dir / f"replica-{i}.log"))
-    replica_args = [a for r in replicas for a in ("--replica", r.endpoint)]
+    return ["--model", str(settings.model.resolve()), "--enforce-eager", *classes, *kv]
+
+
+class ReplicaSet(Protocol):
+    """Where the replicas run."""
+
+    def start(self) -> list[str]:
+        """Starts them; returns their endpoints (serving once their engines are up)."""
+        ...
+
+    def problem(self) -> str | None:
+        """Why a replica is gone, or None while all run."""
+        ...
+
+    def stop(self) -> None: ...
+
+
+class LocalReplicas:
+    def __init__(self, settings: StackSettings, log_dir: Path) -> None:
+        self.children = []
+        for i in range(settings.replicas):
+            port = settings.first_replica_port + i
+            command = _sloserve(
+                "replica", "--host", settings.host, "--port", str(port), "--metrics-port", "-1",
+                *_replica_args(settings),
+            )  # fmt: skip
+            endpoint = f"{settings.host}:{port}"
+            self.children.append(
+                _Child(f"replica-{i}", command, endpoint, log_dir / f"replica-{i}.log")
+            )
+
+    def start(self) -> list[str]:
+        for child in self.children:
+            child.start()
+        return [child.endpoint for child in self.children]
+
+    def problem(self) -> str | None:
+        for child in self.children:
+            code = child.exited()
+            if code is not None:
+                return f"{child.name} exited with code {code}; see {child.log_path}"
+        return None
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.stop()
+
+
+def _replica_set(settings: StackSettings, log_dir: Path) -> ReplicaSet:
+    if settings.backend == "ray":
+        from sloserve.gateway.ray_backend import RayReplicas
+
+        return RayReplicas(
+            _replica_args(settings), settings.replicas, log_dir, address=settings.ray_address
+        )
+    return LocalReplicas(settings, log_dir)
+
+
+def _gateway(settings: StackSettings, endpoints: Sequence[str], log_dir: Path) -> _Child:
+    classes = ["--classes", str(settings.classes_file)] if settings.classes_file else []
+    replica_args = [a for endpoint in endpoints for a in ("--replica", endpoint)]
     command = _sloserve(
         "gateway", *replica_args, "--host", settings.host, "--port", str(settings.port),
         "--http-port", str(settings.http_port), "--metrics-port", str(settings.metrics_port),
         "--routing", settings.routing, "--model-name", settings.model.name, *classes,
     )  # fmt: skip
     endpoint = f"{settings.host}:{settings.port}"
-    return [*replicas, _Child("gateway", command, endpoint, log_dir / "gateway.log")]
+    return _Child("gateway", command, endpoint, log_dir / "gateway.log")
 
 
-def _wait_ready(children: Sequence[_Child], timeout_s: float) -> str | None:
-    """None once every child is SERVING, else why not."""
+def _wait_ready(
+    replicas: ReplicaSet, endpoints: Sequence[str], gateway: _Child, timeout_s: float
+) -> str | None:
+    """None once every replica and the gateway are SERVING, else why not."""
     deadline = time.monotonic() + timeout_s
-    waiting = list(children)
+    waiting = [*endpoints, gateway.endpoint]
     while waiting:
-        for child in list(waiting):
-            code = child.exited()
-            if code is not None:
-                return f"{child.name} exited with code {code}; see {child.log_path}"
-            if serving(child.endpoint):
-                waiting.remove(child)
-        if time.monotonic() > deadline:
-            return f"not serving after {timeout_s:.0f} s: {[c.name for c in waiting]}"
-        time.sleep(0.5)
+        problem = replicas.problem()
+        if problem is not None:
+            return problem
+        code = gateway.exited()
+        if code is not None:
+            return f"the gateway exited with code {code}; see {gateway.log_path}"
+        waiting = [endpoint for endpoint in waiting if not serving(endpoint)]
+        if time.monotonic() > deadline and waiting:
+            return f"not serving after {timeout_s:.0f} s: {waiting}"
+        if waiting:
+            time.sleep(0.5)
     return None
 
 
 def run(settings: StackSettings) -> int:
     log_dir = settings.log_dir or Path(tempfile.mkdtemp(prefix="sloserve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    children = _children(settings, log_dir)
-    print(f"starting {settings.replicas} replica(s) and a gateway; logs in {log_dir}", flush=True)
+    where = "as Ray actors" if settings.backend == "ray" else "as local processes"
+    print(
+        f"starting {settings.replicas} replica(s) {where} and a gateway; logs in {log_dir}",
+        flush=True,
+    )
     # Set both explicitly: a shell that starts this in the background ignores SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    replicas = _replica_set(settings, log_dir)
+    gateway: _Child | None = None
     try:
-        for child in children:
-            child.start()
-        problem = _wait_ready(children, settings.startup_timeout_s)
+        endpoints = replicas.start()
+        gateway = _gateway(settings, endpoints, log_dir)
+        gateway.start()
+        problem = _wait_ready(replicas, endpoints, gateway, settings.startup_timeout_s)
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return 1
-        _print_endpoints(settings, children)
+        _print_endpoints(settings, endpoints)
         while True:
-            for child in children:
-                exit_code = child.exited()
-                if exit_code is not None:
-                    print(f"error: {child.name} exited with code {exit_code}", file=sys.stderr)
-                    return 1
+            problem = replicas.problem()
+            code = gateway.exited()
+            if problem is None and code is not None:
+                problem = f"the gateway exited with code {code}"
+            if problem is not None:
+                print(f"error: {problem}", file=sys.stderr)
+                return 1
             time.sleep(1)
     except KeyboardInterrupt:
         print("\nstopping (the gateway drains first) ...", flush=True)
+    except RuntimeError as error:  # the backend could not place the replicas
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         # The gateway first: it stops taking requests and lets the replicas finish its own.
-        for child in reversed(children):
-            child.stop()
+        if gateway is not None:
+            gateway.stop()
+        replicas.stop()
         print("stopped", flush=True)
     return 0
 
@@ -146,9 +221,11 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _print_endpoints(settings: StackSettings, children: Sequence[_Child]) -> None:
+def _print_endpoints(settings: StackSettings, endpoints: Sequence[str]) -> None:
     host, http = settings.host, f"http://{settings.host}:{settings.http_port}"
-    replicas = ", ".join(c.endpoint for c in children if c.name != "gateway")
+    replicas = ", ".join(endpoints)
+    if settings.backend == "ray":
+        replicas += f"   (Ray actors, {settings.ray_address or 'local Ray'})"
     print(
         "sloserve is up:\n"
         f"  gRPC (Inference)  {host}:{settings.port}\n"

@@ -26,10 +26,11 @@ from grpc_reflection.v1alpha import reflection
 from sloserve.errors import FieldError
 from sloserve.gateway.affinity import AffinityTable
 from sloserve.gateway.auth import ApiKeys
-from sloserve.gateway.discovery import StaticDiscovery, follow
+from sloserve.gateway.discovery import Discovery, StaticDiscovery, follow
 from sloserve.gateway.dispatch import Dispatcher, DispatchSettings
 from sloserve.gateway.grpc_service import GatewayInference
 from sloserve.gateway.http_api import HttpApi
+from sloserve.gateway.k8s_discovery import KubernetesDiscovery
 from sloserve.gateway.metrics import GatewayMetrics
 from sloserve.gateway.replica_pool import ReplicaPool
 from sloserve.gateway.routing import Router
@@ -65,6 +66,10 @@ class GatewaySettings:
     tls_key: Path | None = None
     session_ttl_s: float = 600.0  # session affinity: a session's replica is kept this long
     max_sessions: int = 100_000
+    # Replicas from a Kubernetes Service (NAMESPACE/NAME) instead of `replicas`: its ready
+    # endpoints on port `k8s_port` (a name or number), watched (gateway/k8s_discovery.py).
+    k8s_service: str | None = None
+    k8s_port: str = "grpc"
 
 
 def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
@@ -128,7 +133,13 @@ async def serve(settings: GatewaySettings) -> int:
         raise FieldError("session_ttl", "must be above 0")
     if settings.max_sessions < 1:
         raise FieldError("max_sessions", "must be at least 1")
-    discovery = StaticDiscovery(settings.replicas)
+    discovery: Discovery
+    if settings.k8s_service is None:
+        discovery = StaticDiscovery(settings.replicas)
+    elif settings.replicas:
+        raise FieldError("k8s_service", "give replicas or a Kubernetes Service, not both")
+    else:
+        discovery = KubernetesDiscovery(settings.k8s_service, settings.k8s_port)
     router = Router(settings.routing)
     pool = ReplicaPool(settings.report_interval_s)
     metrics = GatewayMetrics()

@@ -277,12 +277,24 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     from sloserve.gateway.routing import POLICIES
 
     p = sub.add_parser("gateway", help="route requests to replicas by SLO (gRPC and OpenAI HTTP)")
-    p.add_argument(
+    replicas = p.add_mutually_exclusive_group(required=True)
+    replicas.add_argument(
         "--replica",
         action="append",
-        required=True,
         metavar="HOST:PORT",
         help="a replica's gRPC endpoint; repeat for each replica",
+    )
+    replicas.add_argument(
+        "--k8s-service",
+        metavar="NAMESPACE/NAME",
+        help="replicas from a Kubernetes Service's ready endpoints, watched "
+        "($KUBECONFIG, else the pod's service account)",
+    )
+    p.add_argument(
+        "--k8s-port",
+        default="grpc",
+        metavar="NAME_OR_NUMBER",
+        help="the replicas' port in --k8s-service, by name or number (default: grpc)",
     )
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     p.add_argument("--port", type=int, default=50050, help="gRPC port (default: 50050)")
@@ -378,7 +390,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from sloserve.gateway.server import GatewaySettings, serve
 
     settings = GatewaySettings(
-        replicas=tuple(args.replica),
+        replicas=tuple(args.replica or ()),
         host=args.host,
         port=args.port,
         http_port=None if args.http_port < 0 else args.http_port,
@@ -397,6 +409,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         session_ttl_s=args.session_ttl,
         max_sessions=args.max_sessions,
+        k8s_service=args.k8s_service,
+        k8s_port=args.k8s_port,
     )
     try:
         return asyncio.run(serve(settings))
@@ -435,6 +449,16 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--classes", type=Path, help="SLO classes YAML for replicas and gateway")
     p.add_argument("--kv-cache-gib", type=float, help="KV cache per replica (default: 1 on CPU)")
     p.add_argument("--log-dir", type=Path, help="where process logs go (default: a temp dir)")
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="where replicas run: local processes, or Ray actors (default: local)",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster to place replicas on (--backend ray; default: start a local Ray)",
+    )
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -442,6 +466,9 @@ def _run_up(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         print("error: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    if args.ray_address and args.backend != "ray":
+        print("error: --ray-address needs --backend ray", file=sys.stderr)
         return 2
     if not (args.model / "config.json").exists():
         if args.model != Path(".models/tiny"):
@@ -462,6 +489,8 @@ def _run_up(args: argparse.Namespace) -> int:
             classes_file=args.classes,
             kv_cache_gib=args.kv_cache_gib,
             log_dir=args.log_dir,
+            backend=args.backend,
+            ray_address=args.ray_address,
         )
     )
 
@@ -476,6 +505,18 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from sloserve import simulate_cli
 
     return simulate_cli.main(args)
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    from sloserve.operator import main as operator_main
+
+    return operator_main.run_operator(args)
+
+
+def _run_crd(args: argparse.Namespace) -> int:
+    from sloserve.operator import main as operator_main
+
+    return operator_main.run_crd(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,6 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     from sloserve import simulate_cli
 
     simulate_cli.add_parser(sub)
+    from sloserve.devcluster import cli as devcluster_cli
+
+    devcluster_cli.add_parser(sub)
+    from sloserve.operator import main as operator_main
+
+    operator_main.add_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -509,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         "up": _run_up,
         "bench": _run_bench,
         "simulate": _run_simulate,
+        "devcluster": devcluster_cli.main,
+        "operator": _run_operator,
+        "crd": _run_crd,
     }
     try:
         return runners[args.command](args)

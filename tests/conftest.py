@@ -21,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sloserve.client import serving
 
+pytest_plugins = ["kube"]  # real Kubernetes API server fixtures: tests/kube.py
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / ".models" / "tiny"
 CLASSES = Path(__file__).with_name("classes.yaml")

@@ -19,6 +19,19 @@ def test_stdlib_operator_is_not_shadowed_from_the_repo_root() -> None:
     assert run.stdout.strip() == "<class 'operator.itemgetter'>"
 
 
+def test_operator_part_imports_as_sloserve_operator_from_the_repo_root() -> None:
+    # operator/ has no __init__.py, so a bare `import operator` finds the stdlib module; the
+    # part is the namespace package sloserve.operator (sloserve/operator links to it).
+    assert not (REPO / "operator" / "__init__.py").exists()
+    probe = "import operator, sloserve.operator.crd as c; print(operator.__file__, c.__file__)"
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    stdlib_file, crd_file = run.stdout.split()
+    assert not Path(stdlib_file).is_relative_to(REPO)
+    assert Path(crd_file) == REPO / "sloserve" / "operator" / "crd.py"
+
+
 def test_generated_grpc_code_is_up_to_date(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True
@@ -48,15 +61,22 @@ def test_wheel_holds_every_part(tmp_path: Path) -> None:
     )  # fmt: skip
     probe = (
         "import sloserve.replica.scheduler as s, sloserve.bench.cli, sloserve.stepmodel as m;"
-        "print(s.__file__); print(m.shipped_profile('cpu-bench').quality.r2 > 0)"
+        "import sloserve.operator.handlers as h, sloserve.operator.crd as c, operator;"
+        "print(s.__file__); print(m.shipped_profile('cpu-bench').quality.r2 > 0);"
+        "print(h.__file__); print(c.definition()['metadata']['name']); print(operator.__file__)"
     )
     run = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    scheduler_file, has_profile = run.stdout.split()
-    assert Path(scheduler_file).is_relative_to(site) and not Path(scheduler_file).is_symlink()
+    scheduler_file, has_profile, handlers_file, crd_name, operator_file = run.stdout.split()
+    for part_file in (scheduler_file, handlers_file):
+        assert Path(part_file).is_relative_to(site) and not Path(part_file).is_symlink()
     assert has_profile == "True"
+    assert crd_name == "sloservices.sloserve.io"
+    # The operator part ships as sloserve/operator and never as a top-level `operator`.
+    assert not Path(operator_file).is_relative_to(site)
+    assert not any(name.startswith("operator/") for name in names)
     for required in (
         "sloserve/cli.py",
         "sloserve/default_classes.yaml",
@@ -65,5 +85,7 @@ def test_wheel_holds_every_part(tmp_path: Path) -> None:
         "sloserve/replica/server.py",
         "sloserve/replica/scheduler.py",
         "sloserve/profiles/cpu-bench.json",
+        "sloserve/operator/handlers.py",
+        "sloserve/operator/crd.py",
     ):
         assert required in names
