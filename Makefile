@@ -38,8 +38,10 @@ $(TINY_MODEL)/config.json: | $(STAMP)
 up: install model
 	bash scripts/up.sh $(TINY_MODEL)
 
+# e2e/ runs in a pytest of its own: its conftest would shadow tests/conftest's names.
 test: install control-plane
 	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra e2e
 
 lint: install
 	$(VENV)/bin/ruff check .
