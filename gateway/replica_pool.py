@@ -154,7 +154,10 @@ class ReplicaHandle:
         try:
             answer = await self.control.Probe(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            self.call_failed(f"probe failed: {error.code().name}")
+            # A slow answer only keeps it out of this request's choice (a busy replica on a
+            # loaded host answers late); an unreachable one is out until its next report.
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.call_failed(f"probe failed: {error.code().name}")
             return False
         if answer.reason == slo_pb2.REJECT_REASON_DRAINING:
             return False
