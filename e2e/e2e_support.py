@@ -18,8 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 KUBECTL = BIN / "kubectl"
 HELM = BIN / "helm"
-TINY_MODEL = REPO / ".models" / "tiny"
-CHART = REPO / "charts" / "sloserve"
 
 Json = dict[str, Any]
 T = TypeVar("T")

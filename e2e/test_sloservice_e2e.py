@@ -1,7 +1,9 @@
 """End to end (issue 7), on the dev cluster whose kubelet runs pods as processes:
 
-1. `helm install` the chart: the operator runs as a pod process;
-2. `kubectl apply` an SLOService with 2 replicas of the tiny model; it becomes Ready;
+1. the README's Kubernetes quickstart, its commands run as written (read from README.md):
+   `helm install` the chart, `kubectl apply` examples/sloservice-tiny.yaml (2 replicas of
+   the tiny model), `kubectl wait` for Ready, `kubectl get slos`;
+2. the operator runs as a pod process; both replicas become Ready, and the gateway;
 3. tokens stream through the gateway's address over gRPC and the OpenAI HTTP API;
 4. per-class attainment appears in the SLOService's status;
 5. `kubectl scale` to 3: the gateway finds the new replica;
@@ -15,19 +17,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import pytest
-import yaml
 from e2e_support import (
-    CHART,
+    BIN,
     HELM,
     KUBECTL,
-    TINY_MODEL,
+    REPO,
     E2ECluster,
     Json,
     eventually,
@@ -39,44 +42,24 @@ from openai import OpenAI
 
 from sloserve.client import Client
 
-NAMESPACE = "sloserve-e2e"
-NAME = "tiny"
+NAMESPACE = "default"  # the quickstart names none
+NAME = "tiny"  # examples/sloservice-tiny.yaml
 REPLICAS = f"sloserve.io/sloservice={NAME},app.kubernetes.io/component=replica"
 GATEWAY = f"sloserve.io/sloservice={NAME},app.kubernetes.io/component=gateway"
 OPERATOR = "app.kubernetes.io/name=sloserve,app.kubernetes.io/instance=sloserve"
 SLOS_PATH = f"/apis/sloserve.io/v1alpha1/namespaces/{NAMESPACE}/sloservices/{NAME}"
 # On a shared 2-core machine a replica takes 20-60 s to load; several at once longer.
 READY_TIMEOUT_S = 300
+QUICKSTART_TIMEOUT_S = 660  # its `kubectl wait` allows 10 minutes
 
 
-def sloservice() -> Json:
-    """The SLOService of the suite: the tiny model on CPU, loose SLOs, no autoscaling."""
-    return {
-        "apiVersion": "sloserve.io/v1alpha1",
-        "kind": "SLOService",
-        "metadata": {"name": NAME, "namespace": NAMESPACE},
-        "spec": {
-            "model": {
-                "source": str(TINY_MODEL),  # a path "in the image": here, on this machine
-                "servedName": "tiny",
-                "maxModelLen": 1024,
-                "profile": "cpu-bench",
-                "engineArgs": ["--enforce-eager", "--kv-cache-gib", "0.25"],
-            },
-            "engine": {
-                "gpusPerReplica": 0,
-                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-            },
-            "replicas": {"initial": 2, "min": 1, "max": 3},
-            "classes": [
-                {"name": "chat", "ttftMs": 5000, "tpotMs": 500, "attainmentTarget": 0.5},
-                {"name": "coding", "ttftMs": 5000, "tpotMs": 500, "attainmentTarget": 0.5},
-            ],
-            "defaultClass": "chat",
-            "gateway": {"replicas": 1},
-            "autoscaling": {"enabled": False},
-        },
-    }
+def readme_quickstart() -> str:
+    """The shell block under README.md's "## On Kubernetes" heading."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## On Kubernetes") :]
+    match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert match, "README.md: no ```sh block under ## On Kubernetes"
+    return match.group(1)
 
 
 class Stack:
@@ -127,28 +110,29 @@ def stack(e2e_cluster: E2ECluster) -> Iterator[Stack]:
     run([HELM, "uninstall", "sloserve", "-n", NAMESPACE, "--wait"], allow_failure=True)
 
 
-def test_1_helm_installs_the_chart_and_the_operator_runs_as_a_pod_process(stack: Stack) -> None:
-    liveness_port = _free_port()
-    run(
-        [
-            HELM,
-            "install",
-            "sloserve",
-            CHART,
-            "-n",
-            NAMESPACE,
-            "--create-namespace",
-            # kopf binds its liveness port on every address: a free one avoids a clash with
-            # whatever else runs on this machine.
-            "--set",
-            f"operator.livenessPort={liveness_port}",
-            "--set",
-            "operator.resyncSeconds=5",
-            "--wait",
-            "--timeout",
-            "3m",
-        ]
+def test_1_the_readme_kubernetes_quickstart_runs_as_written(stack: Stack) -> None:
+    commands = readme_quickstart()
+    assert "helm install" in commands and "kubectl apply" in commands
+    # As a user runs them: from the checkout, with kubectl and helm of .venv on PATH.
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", commands],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=QUICKSTART_TIMEOUT_S,
     )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.explain()}"
+    # kubectl wait said so, and kubectl get slos shows it: NAME MODEL CLASSES ... PHASE AGE.
+    assert f"sloservice.sloserve.io/{NAME} condition met" in done.stdout, done.stdout
+    header, *rows = done.stdout.split("NAME ", 1)[1].splitlines()
+    assert header.split()[:2] == ["MODEL", "CLASSES"], done.stdout
+    (row,) = [r.split() for r in rows if r.startswith(f"{NAME} ")]
+    assert row[1:3] == ["tiny", "chat,coding"] and row[-2] == "Ready", done.stdout
+
+
+def test_2_the_operator_replicas_and_gateway_run_as_pod_processes(stack: Stack) -> None:
     (pod,) = eventually(
         lambda: stack.cluster.ready_pods(NAMESPACE, OPERATOR) or None,
         60,
@@ -159,22 +143,22 @@ def test_1_helm_installs_the_chart_and_the_operator_runs_as_a_pod_process(stack:
     assert pid is not None and pid_alive(pid)
     assert b"operator" in _cmdline(pid)
 
-
-def test_2_an_applied_sloservice_becomes_ready_with_two_replicas(stack: Stack) -> None:
-    run([KUBECTL, "apply", "-f", "-"], input=yaml.safe_dump(sloservice()))
-
-    def is_ready() -> Json | None:
+    def rolled_out() -> Json | None:
         body = stack.cluster.api.get(SLOS_PATH) or {}
         conditions = {c["type"]: c["status"] for c in body.get("status", {}).get("conditions", [])}
         # Ready means serving (one ready pod each); the rollout is complete once both
         # replicas are ready and Progressing is over.
-        rolled_out = body.get("status", {}).get("readyReplicas") == 2
+        done = body.get("status", {}).get("readyReplicas") == 2
         serving = conditions.get("Ready") == "True" and conditions.get("Progressing") == "False"
-        return body if serving and rolled_out else None
+        return body if serving and done else None
 
-    body = eventually(is_ready, READY_TIMEOUT_S, "the SLOService Ready", stack.explain)
+    body = eventually(rolled_out, READY_TIMEOUT_S, "both replicas Ready", stack.explain)
     assert body["status"]["phase"] == "Ready"
-    assert len(stack.cluster.ready_pods(NAMESPACE, REPLICAS)) == 2
+    replicas = stack.cluster.ready_pods(NAMESPACE, REPLICAS)
+    assert len(replicas) == 2
+    for replica in replicas:
+        replica_pid = stack.cluster.kubelet.process_id(NAMESPACE, replica["metadata"]["name"])
+        assert replica_pid is not None and b"--build-model" in _cmdline(replica_pid)
     (gateway,) = eventually(
         lambda: stack.cluster.ready_pods(NAMESPACE, GATEWAY) or None,
         60,
@@ -295,14 +279,6 @@ def test_7_deleting_the_sloservice_removes_every_process_and_object(stack: Stack
 
 def _none_left(stack: Stack, path: str, selector: str) -> bool:
     return not stack.cluster.api.items(path, selector)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cmdline(pid: int) -> bytes:

@@ -134,10 +134,12 @@ def _model() -> dict[str, Any]:
         "The model every replica serves.",
         {
             "source": _str(
-                "Model directory in the image (an absolute path) or on a PersistentVolumeClaim "
-                "(pvc://CLAIM/path/in/volume, mounted read-only).",
+                "Model directory in the image (an absolute path), on a PersistentVolumeClaim "
+                "(pvc://CLAIM/path/in/volume, mounted read-only), or a random-weight model "
+                "each replica builds at start (builtin://tiny or builtin://bench: trials, "
+                "tests, CPU-only clusters).",
                 minLength=2,
-                pattern=r"^(/|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$)",
+                pattern=r"^(/|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$|builtin://(tiny|bench)$)",
             ),
             "servedName": _str(
                 "Model name of the OpenAI HTTP API (`model` in requests).",

@@ -72,7 +72,10 @@ def run_operator(args: argparse.Namespace) -> int:
         )
     )
     del handlers  # imported for its registrations
-    liveness = None if args.liveness_port < 0 else f"http://0.0.0.0:{args.liveness_port}/healthz"
+    # The pod's own address where the chart passes it (the kubelet probes that address), so
+    # the port does not clash with other pods that share a host network (the dev cluster's).
+    host = os.environ.get("POD_IP") or "0.0.0.0"
+    liveness = None if args.liveness_port < 0 else f"http://{host}:{args.liveness_port}/healthz"
     asyncio.run(
         kopf.operator(
             standalone=True,  # no peering objects: one operator per scope (the chart runs one)

@@ -34,12 +34,27 @@ STARTUP_PROBE_FAILURES = 90
 @dataclass(frozen=True)
 class ModelLocation:
     path: str  # what `sloserve replica --model` loads
-    volume: dict[str, Any] | None = None  # a PVC to mount for it
+    volume: dict[str, Any] | None = None  # a volume to mount for it
     mount: dict[str, Any] | None = None
+    build: str = ""  # a built-in model kind the replica builds at `path` first
+
+
+BUILTIN_PREFIX = "builtin://"
 
 
 def model_location(source: str) -> ModelLocation:
-    """Where the replica finds the model: a path in the image, or a path on a PVC."""
+    """Where the replica finds the model: a path in the image, a path on a PVC, or a
+    built-in random-weight model it builds into an emptyDir at start."""
+    if source.startswith(BUILTIN_PREFIX):
+        kind = source.removeprefix(BUILTIN_PREFIX)
+        mount_path = f"{MODELS_DIR}/builtin"
+        return ModelLocation(
+            path=f"{mount_path}/{kind}",
+            # An emptyDir outlives container restarts, so a restarted replica builds nothing.
+            volume={"name": "model", "emptyDir": {}},
+            mount={"name": "model", "mountPath": mount_path},
+            build=kind,
+        )
     if not source.startswith("pvc://"):
         return ModelLocation(source)
     claim, _, rest = source.removeprefix("pvc://").partition("/")
@@ -73,10 +88,11 @@ def _resources(spec: SloServiceSpec) -> dict[str, Any]:
     return resources
 
 
-def replica_args(spec: SloServiceSpec, model_path: str) -> list[str]:
+def replica_args(spec: SloServiceSpec, model: ModelLocation) -> list[str]:
     return [
         "replica",
-        "--model", model_path,
+        "--model", model.path,
+        *(["--build-model", model.build] if model.build else []),
         "--host", "0.0.0.0",
         "--port", str(REPLICA_GRPC_PORT),
         "--metrics-port", str(REPLICA_METRICS_PORT),
@@ -107,7 +123,7 @@ def deployment(
         "image": image,
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": ["sloserve"],
-        "args": replica_args(spec, model.path),
+        "args": replica_args(spec, model),
         "ports": [
             {"name": "grpc", "containerPort": REPLICA_GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": REPLICA_METRICS_PORT, "protocol": "TCP"},

@@ -106,11 +106,21 @@ def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=300.0,
         help="seconds SIGTERM waits for requests in flight (default: 300)",
     )
+    p.add_argument(
+        "--build-model",
+        choices=("tiny", "bench"),
+        help="when --model holds no model, first build this random-weight model there "
+        "(what an SLOService with model source builtin://KIND runs)",
+    )
 
 
 def _run_replica(args: argparse.Namespace) -> int:
     from sloserve.replica.server import ReplicaSettings, serve
 
+    if args.build_model:
+        from sloserve.tiny_model import SHAPES, ensure_model
+
+        ensure_model(args.model, SHAPES[args.build_model])
     engine = dataclasses.replace(
         _engine_settings(args), policy=args.policy, fault_step_delay_s=args.fault_step_delay
     )

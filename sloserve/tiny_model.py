@@ -7,6 +7,8 @@ real byte-level BPE tokenizer, random weights. vLLM loads it like any Hugging Fa
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,4 +109,24 @@ def build_model(out_dir: Path, shape: ModelShape = TINY, seed: int = 0) -> Path:
     (out_dir / "sloserve-model.json").write_text(
         json.dumps({"generator": "sloserve tiny_model", "seed": seed, **shape.__dict__}, indent=2)
     )
+    return out_dir
+
+
+def ensure_model(out_dir: Path, shape: ModelShape = TINY) -> Path:
+    """out_dir, with a model built there first if it holds none.
+
+    The model is built in a sibling folder and renamed into place, so a process killed
+    half-way (a restarted pod) leaves no half-written model that would later look complete.
+    """
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        build_model(partial, shape)
+        if out_dir.exists():
+            out_dir.rmdir()  # an empty folder: anything else was caught above or is an error
+        partial.rename(out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out_dir

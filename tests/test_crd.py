@@ -17,6 +17,7 @@ from conftest import REPO
 from sloserve.operator import crd
 
 EXAMPLE = REPO / "examples" / "sloservice-chat-coding.yaml"
+EXAMPLES = sorted((REPO / "examples").glob("sloservice-*.yaml"))
 
 
 def _schema() -> dict[str, Any]:
@@ -68,8 +69,16 @@ def test_crd_names_subresources_and_columns() -> None:
     assert "x-kubernetes-validations" not in crd.render()
 
 
-def test_example_passes_the_schema() -> None:
-    assert _errors(yaml.safe_load(EXAMPLE.read_text())) == []
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_the_schema(example: Path) -> None:
+    assert _errors(yaml.safe_load(example.read_text())) == []
+
+
+@pytest.mark.parametrize(
+    "source", ["/opt/models/x", "pvc://models/llama", "pvc://models", "builtin://tiny"]
+)
+def test_model_sources_the_schema_takes(source: str) -> None:
+    assert _errors(_bad("spec.model.source", source)) == []
 
 
 def _bad(path: str, value: Any) -> dict[str, Any]:
@@ -90,6 +99,7 @@ def _bad(path: str, value: Any) -> dict[str, Any]:
     [
         ("spec.model.maxModelLen", 8, "spec/model/maxModelLen: 8 is less than the minimum of 16"),
         ("spec.model.source", "models/x", "spec/model/source: 'models/x' does not match"),
+        ("spec.model.source", "builtin://gpt", "spec/model/source: 'builtin://gpt' does not"),
         ("spec.model.profile", None, "spec/model: 'profile' is a required property"),
         ("spec.engine.gpusPerReplica", -1, "spec/engine/gpusPerReplica: -1 is less than"),
         ("spec.gateway.serviceType", "Ingress", "spec/gateway/serviceType: 'Ingress' is not one"),

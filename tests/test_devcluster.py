@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -206,6 +207,18 @@ def test_devcluster_up_serves_kubectl_and_stops_on_ctrl_c(tmp_path: Path) -> Non
         )
         assert nodes.returncode == 0, nodes.stderr
         assert "sloserve-dev-node" in nodes.stdout and "Ready" in nodes.stdout
+        # Its node runs pods as processes: a web server, reached at its pod IP.
+        kubectl = [str(KUBECTL), "--request-timeout=30s"]
+        subprocess.run([*kubectl, "apply", "-f", "-"], input=WEB_POD, env=env, check=True,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+        subprocess.run([*kubectl, "wait", "pod/web", "--for=condition=Ready", "--timeout=60s"],
+                       env=env, check=True, capture_output=True, timeout=90)  # fmt: skip
+        pod_ip = subprocess.run(
+            [*kubectl, "get", "pod/web", "-o", "jsonpath={.status.podIP}"],
+            env=env, check=True, capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+        with urllib.request.urlopen(f"http://{pod_ip}:8080/", timeout=10) as page:
+            assert page.status == 200
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
         assert "stopped" in up.stdout.read()
@@ -213,8 +226,24 @@ def test_devcluster_up_serves_kubectl_and_stops_on_ctrl_c(tmp_path: Path) -> Non
         if up.poll() is None:
             up.kill()
             up.wait()
-    # Everything it started has gone: each of its processes named the folder in its arguments.
+    # Everything it started has gone: the control plane's processes named the folder in their
+    # arguments, and the pod's process no longer answers at its pod IP.
     assert not processes_naming(tmp_path)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{pod_ip}:8080/", timeout=5)
+
+
+WEB_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  containers:
+    - name: web
+      image: python
+      command: [python, -m, http.server, "8080", --bind, 0.0.0.0]
+      readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+"""
 
 
 def processes_naming(path: Path) -> list[str]:

@@ -127,3 +127,18 @@ def test_cpu_replicas_request_no_gpu() -> None:
     assert "tolerations" not in pod
     assert pod["containers"][0]["resources"] == {}
     assert pod["containers"][0]["args"][2] == "/opt/models/tiny"
+
+
+def test_builtin_model_is_built_by_the_replica_into_an_empty_dir() -> None:
+    tiny = yaml.safe_load((REPO / "examples" / "sloservice-tiny.yaml").read_text())
+    owner = Owner("tiny", "default", "1d2e-uid")
+    built = _by_kind(children.build(owner, _checked(tiny["spec"]), "i", 2, "policy/v1"))
+    pod = built["Deployment/tiny-replica"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[args.index("--model") + 1] == "/models/builtin/tiny"
+    assert args[args.index("--build-model") + 1] == "tiny"
+    assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models/builtin"} in container["volumeMounts"]
+    for manifest in built.values():
+        kubernetes_validate.validate(manifest, "1.33.0", strict=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "devcluster", help="a local Kubernetes 1.20 control plane with a fake node (dev, tests)"
+        "devcluster",
+        help="a local Kubernetes 1.20 control plane whose node runs pods as local processes",
     )
     actions = p.add_subparsers(dest="action", required=True)
     up = actions.add_parser("up", help="start it and print its kubeconfig; Ctrl-C stops it")
@@ -21,8 +22,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="working folder (kubeconfig, logs, etcd data), kept after stop "
         "(default: a temporary folder, removed)",
     )
-    up.add_argument("--node-name", default="sloserve-dev-node", help="the fake node's name")
+    up.add_argument("--node-name", default="sloserve-dev-node", help="the node's name")
     up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu the node offers")
+    up.add_argument(
+        "--kubelet",
+        choices=("process", "fake"),
+        default="process",
+        help="process: each pod's containers run as local processes from the installed "
+        "package, on a loopback address of their own (the pod IP); fake: pods are only "
+        "reported running (default: process)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,9 +39,15 @@ def main(args: argparse.Namespace) -> int:
     from sloserve.devcluster.cluster import DevCluster
     from sloserve.devcluster.controlplane import ControlPlaneError
     from sloserve.devcluster.kubelet import NodeSpec
+    from sloserve.devcluster.process_kubelet import ProcessDevCluster, ProcessKubeletSettings
 
+    node = NodeSpec(name=args.node_name, gpus=args.gpus)
     try:
-        cluster = DevCluster(args.dir, NodeSpec(name=args.node_name, gpus=args.gpus))
+        if args.kubelet == "process":
+            pods = ProcessKubeletSettings(workdir=args.dir / "pods" if args.dir else None)
+            cluster: DevCluster = ProcessDevCluster(args.dir, node, settings=pods)
+        else:
+            cluster = DevCluster(args.dir, node)
     except MissingBinariesError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -45,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"kubeconfig: {access.kubeconfig}")
             print(f"  export KUBECONFIG={access.kubeconfig}")
             print(f"logs: {cluster.control_plane.log_dir}")
+            if isinstance(cluster, ProcessDevCluster) and cluster.kubelet is not None:
+                print(f"pods run as processes; their folders and logs: {cluster.kubelet.workdir}")
             print("Ctrl-C stops it.", flush=True)
             while not stop.wait(1.0):
                 cluster.check_running()
