@@ -45,6 +45,11 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+# Ray replaces 127.0.0.1 (and localhost) by the machine's network address, so a local Ray
+# given it would advertise that address for its GCS, raylet and workers. Any other loopback
+# address is taken as it is: every address this Ray hands out is then loopback.
+LOCAL_RAY_ADDRESS = "127.0.0.2"
+
 class ReplicaHost:
     """The body of one replica actor (wrapped with ray.remote by RayReplicas)."""
 
@@ -138,16 +143,16 @@ class RayReplicas:
             raise RayBackendError(
                 "--backend ray needs Ray: pip install 'sloserve[ray]' (or pip install ray)"
             ) from None
-        # A local Ray is bound to loopback, and so are its replicas; on a cluster each replica
-        # binds its node's address (what get_node_ip_address says there).
-        host = None if self.address else "127.0.0.1"
+        # A local Ray advertises a loopback address, and its replicas bind it; on a cluster
+        # each replica binds its node's address (what get_node_ip_address says there).
+        host = None if self.address else LOCAL_RAY_ADDRESS
         if self.address:
             ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         else:
             # Loopback only, no dashboard: a private Ray for this stack (about 2 s to start).
             ray.init(
                 num_cpus=max(2, int(self.replicas * self.cpus_per_replica + 0.999)),
-                _node_ip_address="127.0.0.1",
+                _node_ip_address=LOCAL_RAY_ADDRESS,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=False,

@@ -128,7 +128,11 @@ def test_up_with_the_ray_backend_serves_through_the_gateway_and_stops_cleanly(
     replica_processes: list[int] = []
     try:
         endpoints = up.wait_up()
-        assert len(endpoints) == 2 and all(e.startswith("127.0.0.1:") for e in endpoints)
+        assert len(endpoints) == 2 and all(e.startswith("127.0.0.2:") for e in endpoints)
+        # The local Ray advertises loopback only: its GCS, raylet and agents name 127.0.0.2.
+        ray_processes = _processes_mentioning(str(ray_dir)).values()
+        named = [re.search(r"--node[-_]ip[-_]address=(\S+)", c) for c in ray_processes]
+        assert {m.group(1) for m in named if m} == {"127.0.0.2"}
         # Each replica process is a child of a Ray actor's worker, not of `sloserve up`.
         for endpoint in endpoints:
             port = endpoint.rpartition(":")[2]
