@@ -50,6 +50,7 @@ def _free_port(host: str) -> int:
 # address is taken as it is: every address this Ray hands out is then loopback.
 LOCAL_RAY_ADDRESS = "127.0.0.2"
 
+
 class ReplicaHost:
     """The body of one replica actor (wrapped with ray.remote by RayReplicas)."""
 

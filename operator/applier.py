@@ -14,8 +14,9 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
-from sloserve.operator.kubeapi import ApiError, KubeApi, resource_of
+from sloserve.kubeclient import ApiError, KubeApi
 from sloserve.operator.naming import owned_by
+from sloserve.operator.resources import resource_of
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([a-zA-Z]*)$")
 _SUFFIXES = {
@@ -74,18 +75,19 @@ async def apply(
     api: KubeApi, manifest: Mapping[str, Any], owner_uid: str
 ) -> tuple[Outcome, dict[str, Any]]:
     """Makes the child match `manifest`; returns what was done and the object as stored."""
-    resource = resource_of(manifest)
     meta = manifest["metadata"]
     namespace, name = str(meta["namespace"]), str(meta["name"])
-    actual = await api.get(resource, namespace, name)
+    resource = resource_of(manifest)
+    path = resource.path(namespace, name)
+    actual = await api.get(path)
     if actual is None:
         try:
-            return Outcome.CREATED, await api.create(resource, namespace, manifest)
+            return Outcome.CREATED, await api.create(resource.path(namespace), manifest)
         except ApiError as error:
             if error.reason != "AlreadyExists":
                 raise
             # Created meanwhile (another reconcile, a restarted operator): check it below.
-            actual = await api.get(resource, namespace, name)
+            actual = await api.get(path)
             if actual is None:
                 raise
     if not owned_by(actual, owner_uid):
@@ -96,4 +98,4 @@ async def apply(
     if contains(manifest, actual):
         return Outcome.UNCHANGED, actual
     patch = {key: value for key, value in manifest.items() if key not in ("apiVersion", "kind")}
-    return Outcome.REPAIRED, await api.merge_patch(resource, namespace, name, patch)
+    return Outcome.REPAIRED, await api.merge_patch(path, patch)

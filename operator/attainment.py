@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from sloserve.gateway.k8s_discovery import SERVICE_NAME_LABEL, ready_endpoints
-from sloserve.operator.kubeapi import ENDPOINT_SLICES, ApiError, KubeApi
+from sloserve.gateway.k8s_discovery import list_endpoint_slices, ready_endpoints
+from sloserve.kubeclient import ApiError, KubeApi
 
 SUMMARY_PATH = "/v1/slo/summary"
 
@@ -104,20 +104,12 @@ class EndpointsSummaryReader:
         return samples
 
     async def _ready_addresses(self, namespace: str, service: str, port: int) -> set[str]:
-        selector = f"{SERVICE_NAME_LABEL}={service}"
-        for resource in ENDPOINT_SLICES:
-            try:
-                slices = await self.api.list(resource, namespace, selector)
-            except ApiError as error:
-                if error.status == 404:  # this version is not served: try the older one
-                    continue
-                raise
-            return {
-                endpoint.rpartition(":")[0].strip("[]")
-                for endpoint_slice in slices
-                for endpoint in ready_endpoints(endpoint_slice, str(port))
-            }
-        raise ApiError(404, "NotFound", "the server serves no EndpointSlice API")
+        _, listing = await list_endpoint_slices(self.api, namespace, service)
+        return {
+            endpoint.rpartition(":")[0].strip("[]")
+            for endpoint_slice in listing.get("items") or []
+            for endpoint in ready_endpoints(endpoint_slice, str(port))
+        }
 
     async def _one(
         self, session: aiohttp.ClientSession, address: str, port: int

@@ -11,13 +11,15 @@ and owner references already let the garbage collector remove the children.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 from typing import Any
 
 import kopf
 
+from sloserve.kubeclient import ApiAccess, ApiError, KubeApi
 from sloserve.operator.crd import GROUP, PLURAL, VERSION
-from sloserve.operator.kubeapi import ApiError, KubeApi, credentials_of
 from sloserve.operator.naming import MANAGED_BY, owner_name
 from sloserve.operator.reconcile import RetryLater, reconcile
 from sloserve.operator.resync import Nudges, resync_forever
@@ -39,6 +41,25 @@ _CHILD_KINDS = (
 
 def _credentials(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _access_of(info: kopf.ConnectionInfo) -> ApiAccess:
+    """The operator's own calls go with the credentials kopf logged in with."""
+
+    def path(value: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None) -> str | None:
+        return None if value is None else os.fsdecode(value)
+
+    certificate = path(info.certificate_path)
+    # Inline CA data is base64, as kubeconfig's certificate-authority-data is.
+    ca_data = base64.b64decode(info.ca_data).decode() if info.ca_data else None
+    return ApiAccess(
+        server=str(info.server),
+        token=info.token,
+        ca_file=path(info.ca_path),
+        ca_data=ca_data,
+        client_cert=(certificate, path(info.private_key_path)) if certificate else None,
+        verify=not info.insecure,
+    )
 
 
 @kopf.on.login()
@@ -64,7 +85,7 @@ async def startup(
     if info is None:
         raise kopf.PermanentError("no credentials: neither a service account nor a kubeconfig")
     cfg = config()
-    api = KubeApi(credentials_of(info))
+    api = KubeApi(_access_of(info))
     pdb = "policy/v1" if await api.serves("policy/v1") else "policy/v1beta1"
     rt = Runtime(cfg, api, cfg.reader_factory(api), pdb)
     memo["runtime"] = rt

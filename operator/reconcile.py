@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sloserve.kubeclient import ApiError
 from sloserve.operator import autoscale, children, status
 from sloserve.operator.applier import ForeignObjectError, Outcome, apply
 from sloserve.operator.attainment import Unreachable, WindowView
-from sloserve.operator.kubeapi import SLOSERVICES, ApiError
 from sloserve.operator.naming import MAX_NAME_LENGTH, Owner
 from sloserve.operator.reasons import Reason
+from sloserve.operator.resources import SLOSERVICES
 from sloserve.operator.runtime import Runtime
 from sloserve.operator.semantics import Checked, Problem, check
 from sloserve.operator.spec import SpecError, parse_spec
@@ -28,6 +29,10 @@ log = logging.getLogger("sloserve.operator")
 
 class RetryLater(Exception):
     """A transient failure (API error, conflict): the reconcile should run again soon."""
+
+
+def _path(owner: Owner, sub: str = "") -> str:
+    return SLOSERVICES.path(owner.namespace, owner.name, sub)
 
 
 def _iso(t: float) -> str:
@@ -74,7 +79,7 @@ async def write_scale(rt: Runtime, owner: Owner, replicas: int, resource_version
     """
     patch = {"metadata": {"resourceVersion": resource_version}, "spec": {"replicas": replicas}}
     try:
-        scale = await rt.api.merge_patch(SLOSERVICES, owner.namespace, owner.name, patch, "scale")
+        scale = await rt.api.merge_patch(_path(owner, "scale"), patch)
     except ApiError as error:
         if error.status == 409:
             raise RetryLater(f"/scale changed meanwhile: {error.message}") from error
@@ -193,7 +198,7 @@ async def _reconcile(rt: Runtime, body: dict[str, Any], owner: Owner) -> None:
             )
         )
         if decision.changes(desired):
-            fresh = await rt.api.get(SLOSERVICES, owner.namespace, owner.name)
+            fresh = await rt.api.get(_path(owner))
             if fresh is not None:
                 version = fresh["metadata"]["resourceVersion"]
                 await write_scale(rt, owner, decision.replicas, version)
@@ -227,4 +232,4 @@ async def _write_status(
     if new == dict(old):
         return  # an unchanged status is not written: no churn, no watch events
     # A merge patch: the lists (conditions, classes) are replaced whole.
-    await rt.api.merge_patch(SLOSERVICES, owner.namespace, owner.name, {"status": new}, "status")
+    await rt.api.merge_patch(_path(owner, "status"), {"status": new})

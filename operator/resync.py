@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sloserve.operator.kubeapi import SLOSERVICES, ApiError
+from sloserve.kubeclient import ApiError
 from sloserve.operator.reconcile import RetryLater, reconcile
+from sloserve.operator.resources import SLOSERVICES
 from sloserve.operator.runtime import Runtime
 
 log = logging.getLogger("sloserve.operator")
@@ -21,7 +22,7 @@ NUDGE_DELAY_S = 0.5
 
 
 async def reconcile_named(rt: Runtime, namespace: str, name: str) -> None:
-    body = await rt.api.get(SLOSERVICES, namespace, name)
+    body = await rt.api.get(SLOSERVICES.path(namespace, name))
     if body is not None:
         await reconcile(rt, body)
 
@@ -41,7 +42,7 @@ async def resync_forever(rt: Runtime) -> None:
         await asyncio.sleep(rt.config.resync_s)
         for scope in scopes:
             try:
-                items = await rt.api.list(SLOSERVICES, scope)
+                items = await rt.api.list(SLOSERVICES.path(scope))
             except ApiError as error:
                 log.warning("listing SLOServices in %s: %s", scope or "all namespaces", error)
                 continue

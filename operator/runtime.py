@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sloserve import __version__
+from sloserve.kubeclient import KubeApi
 from sloserve.operator.attainment import AttainmentWindow, EndpointsSummaryReader, SummaryReader
-from sloserve.operator.kubeapi import KubeApi
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,9 @@ from conftest import REPO, free_port
 from kube import KubeCluster, deployment
 from kubernetes import client
 
-from sloserve.devcluster.kubeapi import MERGE_PATCH, KubeApi
 from sloserve.errors import FieldError
-from sloserve.gateway.k8s_discovery import (
-    ApiAccess,
-    KubernetesDiscovery,
-    parse_service,
-    ready_endpoints,
-)
+from sloserve.gateway.k8s_discovery import KubernetesDiscovery, parse_service, ready_endpoints
+from sloserve.kubeclient import MERGE_PATCH, ApiAccess, KubeApi
 
 # The tests' API server is 1.20: EndpointSlices are discovery.k8s.io/v1beta1 there.
 SLICES_API = "/apis/discovery.k8s.io/v1beta1"
@@ -97,6 +92,10 @@ class Watcher:
             await self._task
 
 
+def admin_api(cluster: KubeCluster) -> KubeApi:
+    return KubeApi(ApiAccess(cluster.server, cluster.token, cluster.ca_file))
+
+
 def in_cluster_access(
     cluster: KubeCluster, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> ApiAccess:
@@ -145,7 +144,7 @@ def test_discovery_follows_a_services_endpoint_slices_in_cluster(
     slices = f"{SLICES_API}/namespaces/{kube_namespace}/endpointslices"
 
     async def scenario() -> None:
-        async with KubeApi(kube_cluster.server, kube_cluster.token, kube_cluster.ca_file) as api:
+        async with admin_api(kube_cluster) as api:
             watcher = Watcher(KubernetesDiscovery(f"{kube_namespace}/llm", "grpc", access))
             try:
                 await watcher.until(set())  # nothing yet, said at once
@@ -264,7 +263,7 @@ def test_discovery_resumes_after_its_connection_is_cut(
             token=lambda: kube_cluster.token,
             ca_file=str(kube_cluster.ca_file),
         )
-        async with KubeApi(kube_cluster.server, kube_cluster.token, kube_cluster.ca_file) as api:
+        async with admin_api(kube_cluster) as api:
             watcher = Watcher(KubernetesDiscovery(f"{kube_namespace}/llm", "grpc", access))
             try:
                 await api.request("POST", slices, endpoint_slice("llm", "llm-a", ["10.1.0.1"]))
@@ -313,7 +312,7 @@ def test_the_gateway_takes_its_replicas_from_a_kubernetes_service(
             time.sleep(0.2)
 
     async def write(method: str, path: str, body: dict[str, Any] | None = None) -> None:
-        async with KubeApi(kube_cluster.server, kube_cluster.token, kube_cluster.ca_file) as api:
+        async with admin_api(kube_cluster) as api:
             await api.request(method, path, body)
 
     # Its environment has $KUBECONFIG, pointing at the test cluster (kube_cluster fixture).

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import TracebackType
 
 from sloserve.devcluster.controlplane import ClusterAccess, ControlPlane, ControlPlaneError
-from sloserve.devcluster.kubeapi import KubeApi
 from sloserve.devcluster.kubelet import FakeKubelet, NodeSpec
+from sloserve.kubeclient import ApiAccess, KubeApi
 
 KubeletFactory = Callable[[KubeApi, NodeSpec], FakeKubelet]
 KUBELET_STOP_TIMEOUT_S = 10.0
@@ -102,7 +102,7 @@ class DevCluster:
             loop.close()
 
     async def _kubelet_main(self, access: ClusterAccess) -> None:
-        async with KubeApi(access.server, access.token, access.ca_file) as api:
+        async with KubeApi(ApiAccess(access.server, access.token, access.ca_file)) as api:
             kubelet = self._kubelet_factory(api, self.node)
             running = asyncio.create_task(kubelet.run(on_ready=self._node_ready.set))
             stopping = asyncio.create_task(self._stop.wait())

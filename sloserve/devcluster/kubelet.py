@@ -23,9 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import aiohttp
-
-from sloserve.devcluster.kubeapi import (
+from sloserve.kubeclient import (
     MERGE_PATCH,
     STRATEGIC_MERGE_PATCH,
     ApiError,
@@ -302,19 +300,15 @@ class FakeKubelet:
                 params = {
                     "fieldSelector": f"spec.nodeName={self.node.name}",
                     "resourceVersion": version,
-                    "timeoutSeconds": str(WATCH_TIMEOUT_S),
                 }
-                async for kind, pod in self.api.watch("/api/v1/pods", params):
-                    if kind != "BOOKMARK":
-                        await self._on_pod(kind, pod)
+                pods = self.api.watch("/api/v1/pods", params, timeout_s=WATCH_TIMEOUT_S)
+                async for kind, pod in pods:
+                    await self._on_pod(kind, pod)
                     backoff = 0.5
-            except ApiError as error:
-                if error.status != 410:  # 410 Gone: our version is too old; relist now
-                    log.warning("pod watch failed (%s); retrying in %.1f s", error, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
-            except (aiohttp.ClientError, OSError) as error:
-                log.warning("pod watch dropped (%s); retrying in %.1f s", error, backoff)
+            except (ApiError, OSError) as error:  # OSError: from a subclass's start_pod
+                if isinstance(error, ApiError) and error.status == 410:
+                    continue  # Gone: our version is too old; relist now
+                log.warning("pod watch failed (%s); retrying in %.1f s", error, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 

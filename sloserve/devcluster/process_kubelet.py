@@ -41,7 +41,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sloserve.devcluster.cluster import DevCluster
-from sloserve.devcluster.kubeapi import ApiError, JsonObject, KubeApi
 from sloserve.devcluster.kubelet import FakeKubelet, NodeSpec, PodAddresses
 from sloserve.devcluster.pod_launch import (
     Launch,
@@ -53,6 +52,7 @@ from sloserve.devcluster.pod_launch import (
     service_account_files,
 )
 from sloserve.devcluster.pod_probes import Prober
+from sloserve.kubeclient import ApiError, JsonObject, KubeApi
 
 log = logging.getLogger("sloserve.devcluster.process_kubelet")
 
@@ -349,11 +349,11 @@ class ProcessKubelet(FakeKubelet):
         base = f"/api/v1/namespaces/{namespace}"
         found_maps = {}
         for name in config_maps:
-            if (obj := await self._get(f"{base}/configmaps/{name}")) is not None:
+            if (obj := await self.api.get(f"{base}/configmaps/{name}")) is not None:
                 found_maps[name] = {k: str(v) for k, v in (obj.get("data") or {}).items()}
         found_secrets = {}
         for name in secrets:
-            if (obj := await self._get(f"{base}/secrets/{name}")) is not None:
+            if (obj := await self.api.get(f"{base}/secrets/{name}")) is not None:
                 found_secrets[name] = decode_secret(obj)
         claim_paths = {}
         for name in claims:
@@ -366,20 +366,12 @@ class ProcessKubelet(FakeKubelet):
             kubeconfig=await self._service_account(run),
         )
 
-    async def _get(self, path: str) -> JsonObject | None:
-        try:
-            return await self.api.request("GET", path)
-        except ApiError as error:
-            if error.status == 404:
-                return None
-            raise
-
     async def _claim_path(self, base: str, claim: str) -> str | None:
-        pvc = await self._get(f"{base}/persistentvolumeclaims/{claim}")
+        pvc = await self.api.get(f"{base}/persistentvolumeclaims/{claim}")
         volume_name = None if pvc is None else pvc.get("spec", {}).get("volumeName")
         if not volume_name:
             raise LaunchError("CreateContainerConfigError", f"PVC {claim!r} is not bound")
-        pv = await self._get(f"/api/v1/persistentvolumes/{volume_name}")
+        pv = await self.api.get(f"/api/v1/persistentvolumes/{volume_name}")
         spec = (pv or {}).get("spec", {})
         source = spec.get("hostPath") or spec.get("local") or {}
         path = source.get("path")
@@ -389,7 +381,7 @@ class ProcessKubelet(FakeKubelet):
         """A kubeconfig with the pod's ServiceAccount token, unless the pod opts out."""
         namespace, spec = run.pod["metadata"]["namespace"], run.pod["spec"]
         name = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-        account = await self._get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
+        account = await self.api.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
         automount = spec.get("automountServiceAccountToken")
         if automount is None:
             automount = (
@@ -399,16 +391,19 @@ class ProcessKubelet(FakeKubelet):
             return None
         if account is None:
             raise LaunchError("CreateContainerConfigError", f"ServiceAccount {name!r} not found")
+        ca_file = self.api.access.ca_file
+        if ca_file is None:  # never so: the dev cluster hands its kubelet its CA
+            raise LaunchError("CreateContainerConfigError", "the kubelet knows no API CA file")
         # 1.20's token controller makes one token Secret per account and lists it here.
         for ref in account.get("secrets") or []:
-            secret = await self._get(f"/api/v1/namespaces/{namespace}/secrets/{ref['name']}")
+            secret = await self.api.get(f"/api/v1/namespaces/{namespace}/secrets/{ref['name']}")
             if secret is not None and secret.get("type") == "kubernetes.io/service-account-token":
                 token = decode_secret(secret).get("token")
                 if token:
                     return service_account_files(
                         run.folder / "serviceaccount",
-                        self.api.server,
-                        self.api.ca_file,
+                        self.api.access.server,
+                        Path(ca_file),
                         namespace,
                         token.decode(),
                     )
