@@ -10,9 +10,11 @@
    (allow_best_effort off). A rejection, or an unreachable replica, before any token has
    been sent to the client moves on to the next replica: nothing was delivered, so the retry
    is invisible. (The replica's Admission message is held back until the first token for
-   exactly this reason.) A retry carries the TTFT budget that is left: the replica counts
-   from when it receives the request, the client from when the gateway did. Replicas whose
-   load report is stale are probed first (ReplicaPool.routable).
+   exactly this reason.) A retry is the same request, SLO class intact, with
+   `already_waited` set to the time since the gateway's arrival: the replica counts that
+   against the TTFT budget (its deadlines are the client's) and still serves and counts the
+   request in its class. Replicas whose load report is stale are probed first
+   (ReplicaPool.routable).
 3. No replica admits it: a request that accepts best effort waits in the spillover queue
    until a replica has room, then runs there as best effort; any other gets the rejection,
    with the first replica's reason and the soonest retry-after.
@@ -30,7 +32,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -45,8 +47,8 @@ from sloserve.gateway.replica_pool import ReplicaHandle, ReplicaPool, Ticket
 from sloserve.gateway.routing import Candidate, RequestShape, Router, estimate_prompt_tokens
 from sloserve.gateway.slo_summary import ATTAINED, BEST_EFFORT, MISSED, SloSummary
 from sloserve.gateway.spillover import QueueFull, Spilled, SpilloverDrainer, SpilloverQueue
-from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
-from sloserve.replica.validation import MAX_REQUEST_ID_LENGTH, resolve_slo
+from sloserve.protoconv import duration, outcome_to_proto
+from sloserve.replica.validation import MAX_REQUEST_ID_LENGTH, already_waited_s, resolve_slo
 from sloserve.slo import Budgets, SloCatalog, judge
 from sloserve.v1 import inference_pb2, slo_pb2
 
@@ -66,18 +68,19 @@ class DispatchSettings:
 MIN_RETRY_TTFT_S = 0.001
 
 
-def with_ttft_budget(
-    request: inference_pb2.GenerateRequest, budgets: Budgets, ttft_s: float
+def with_already_waited(
+    request: inference_pb2.GenerateRequest, waited_s: float
 ) -> inference_pb2.GenerateRequest:
-    """`request` with explicit budgets: `budgets` with the TTFT budget `ttft_s`.
+    """`request`, its SLO untouched, telling the replica it already waited `waited_s`.
 
-    A class name cannot carry a shorter budget, so a retried class request travels with its
-    class's budgets made explicit (the replica then counts it under explicit budgets).
+    The replica moves the request's deadlines that much earlier and judges it from the
+    gateway's arrival, while serving and counting it in its own SLO class (a class name
+    cannot carry a shorter budget, and explicit budgets would lose the class).
     """
-    shortened = inference_pb2.GenerateRequest()
-    shortened.CopyFrom(request)
-    shortened.slo.budgets.CopyFrom(budgets_to_proto(replace(budgets, ttft_s=ttft_s)))
-    return shortened
+    retry = inference_pb2.GenerateRequest()
+    retry.CopyFrom(request)
+    retry.already_waited.CopyFrom(duration(waited_s))
+    return retry
 
 
 # The label a request's session id is carried in (gRPC: GenerateRequest.labels; HTTP: the
@@ -111,7 +114,10 @@ class _Stream:
     request_id: str
     class_name: str
     budgets: Budgets
+    # Where its SLO clock starts: the gateway's arrival, earlier by what the client says the
+    # request already waited upstream (GenerateRequest.already_waited).
     arrival: float
+    received: float  # when the gateway received it, for the Completion's latency
     spilled_reason: str = ""  # set when the request went through the spillover queue
     admission: inference_pb2.GenerateResponse | None = None
     started: bool = False  # something was sent to the client: no more transparent retries
@@ -165,8 +171,9 @@ class Dispatcher:
 
     # -- validation ----------------------------------------------------------------------
 
-    def _check(self, request: inference_pb2.GenerateRequest) -> tuple[str, Budgets]:
-        """(class name, budgets), or FieldError naming the first bad field."""
+    def _check(self, request: inference_pb2.GenerateRequest) -> tuple[str, Budgets, float]:
+        """(class name, budgets, seconds already waited upstream), or FieldError naming the
+        first bad field."""
         if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
             raise errors.FieldError(
                 "request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"
@@ -176,6 +183,7 @@ class Dispatcher:
                 f"labels[{SESSION_LABEL}]", f"must be at most {MAX_SESSION_ID_LENGTH} characters"
             )
         class_name, budgets = resolve_slo(request.slo, self.catalog, "slo")
+        waited = already_waited_s(request, budgets)
         kind = request.prompt.WhichOneof("kind")
         if kind is None:
             raise errors.FieldError("prompt", "is required: set text or token_ids")
@@ -183,7 +191,7 @@ class Dispatcher:
             raise errors.FieldError("prompt.text", "must not be empty")
         if kind == "token_ids" and not request.prompt.token_ids.ids:
             raise errors.FieldError("prompt.token_ids", "must not be empty")
-        return class_name, budgets
+        return class_name, budgets, waited
 
     # -- the request's life --------------------------------------------------------------
 
@@ -217,7 +225,7 @@ class Dispatcher:
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The response stream for `request`; raises GatewayError for an explicit error.
         `authorization` is the caller's `Bearer <key>`, checked when API keys are on."""
-        arrival = time.time()
+        received = time.time()
         # Metrics labels: only known classes, so bad input cannot grow the label set.
         requested = request.slo.class_name
         class_name = requested if self.catalog.get(requested) is not None else "unknown"
@@ -225,7 +233,7 @@ class Dispatcher:
             raise failures.unavailable("the gateway is draining", "DRAINING")
         tenant = self.authenticate(authorization)  # before anything else is looked at
         try:
-            class_name, budgets = self._check(request)
+            class_name, budgets, waited = self._check(request)
         except errors.FieldError as bad:
             self._record(class_name, "invalid", None)
             raise failures.invalid(bad.field, bad.description) from None
@@ -238,8 +246,11 @@ class Dispatcher:
         # One id across every replica tried, so logs line up.
         forward.request_id = request.request_id or f"gw-{uuid.uuid4().hex[:16]}"
         forward.allow_best_effort = False  # best effort is the gateway's call (spillover)
-        stream = _Stream(forward.request_id, class_name, budgets, arrival)
-        shape = RequestShape(estimate_prompt_tokens(request.prompt), budgets.ttft_s)
+        arrival = received - waited
+        stream = _Stream(forward.request_id, class_name, budgets, arrival, received)
+        # The router weighs what is left of the TTFT budget (all of it, unless the client says
+        # the request already waited upstream).
+        shape = RequestShape(estimate_prompt_tokens(request.prompt), budgets.ttft_s - waited)
 
         self.in_flight += 1
         self.idle.clear()
@@ -289,12 +300,14 @@ class Dispatcher:
             candidates = await self.pool.routable(exclude=tried)
             attempt, attempt_shape = forward, shape
             if tried:
-                # A retry: the replica counts its TTFT from when it gets the request, so it
-                # is given what is left of the budget, and plans for the true deadline.
-                left = stream.budgets.ttft_s - (time.time() - stream.arrival)
+                # A retry: the replica would count its TTFT from when it gets the request, so
+                # it is told how long the request already waited, and plans for the true
+                # deadline with what is left of the budget, in the request's own class.
+                waited = time.time() - stream.arrival
+                left = stream.budgets.ttft_s - waited
                 if left < MIN_RETRY_TTFT_S:
                     return  # no replica could make the first token in time now
-                attempt = with_ttft_budget(forward, stream.budgets, left)
+                attempt = with_already_waited(forward, waited)
                 attempt_shape = RequestShape(shape.prompt_tokens, left)
             ranked = self.router.rank(candidates, attempt_shape, retry=bool(tried))
             if not ranked:
@@ -476,7 +489,7 @@ class Dispatcher:
         in_class = not (stream.best_effort or stream.demoted)
         completion = response.completion
         completion.slo_outcome.CopyFrom(outcome_to_proto(outcome, admitted=in_class))
-        completion.latency.CopyFrom(duration(time.time() - stream.arrival))
+        completion.latency.CopyFrom(duration(time.time() - stream.received))
         class_name = stream.class_name
         self.metrics.ttft.labels(class_name).observe(outcome.ttft_s)
         if len(stream.token_times) > 1:

@@ -203,7 +203,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             tail = self._undelivered_text(token_ids, streamed_text)
             if tail:
                 yield inference_pb2.GenerateResponse(delta=inference_pb2.TokenDelta(text=tail))
-            outcome = judge(arrival, token_times, slo.budgets)
+            # Judged from the request's arrival upstream (its time in a gateway and on
+            # replicas that turned it away included), like its deadlines here: the TTFT the
+            # client sees. The Completion's latency below stays this replica's own time.
+            outcome = judge(slo.origin_time, token_times, slo.budgets)
             in_class = not (best_effort or demoted)
             attained = outcome.met and in_class
             outcome_label = (

@@ -45,7 +45,8 @@ class ReplicaMetrics:
         )
         self.ttft = Histogram(
             "sloserve_ttft_seconds",
-            "Time from arrival to first token, per SLO class.",
+            "Time from arrival to first token, per SLO class; arrival upstream for a request "
+            "that already waited (GenerateRequest.already_waited).",
             ["slo_class"],
             buckets=_BUCKETS,
             registry=self.registry,

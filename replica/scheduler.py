@@ -134,6 +134,7 @@ class SloPolicyMixin:
                 ttft_s=slo.budgets.ttft_s,
                 tpot_s=slo.budgets.tpot_s,
                 thinking_tpot_s=slo.budgets.thinking_tpot_s,
+                already_waited_s=slo.already_waited_s,
                 allow_best_effort=slo.allow_best_effort,
                 strict=slo.strict,
                 tenant=slo.tenant,

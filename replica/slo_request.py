@@ -57,7 +57,9 @@ class SloRequest:
 
     @property
     def arrival(self) -> float:
-        return self.slo.arrival_time
+        """Where its deadlines count from: its arrival upstream (RequestSlo.origin_time),
+        earlier than its arrival here by the time it already waited in a gateway."""
+        return self.slo.origin_time
 
     @property
     def admitted(self) -> bool:
@@ -65,7 +67,7 @@ class SloRequest:
 
     @property
     def ttft_deadline(self) -> float:
-        return self.slo.arrival_time + self.slo.budgets.ttft_s
+        return self.arrival + self.slo.budgets.ttft_s
 
     @property
     def prefill_left(self) -> int:

@@ -82,6 +82,8 @@ class ReplicaState:
 
     def first_token(self, entry: InFlight, now: float) -> None:
         entry.first_token_time = now
+        # This replica's own time to the first token (arrival here, not upstream): it learns
+        # how fast this replica prefills what was queued.
         self.prefill_rate.observe(
             now - entry.slo.arrival_time, entry.queued_ahead_tokens + entry.prompt_tokens
         )

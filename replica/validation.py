@@ -80,6 +80,25 @@ def resolve_slo(spec: slo_pb2.SloSpec, catalog: SloCatalog, field: str) -> tuple
     return slo_class.name, slo_class.budgets
 
 
+def already_waited_s(request: inference_pb2.GenerateRequest, budgets: Budgets) -> float:
+    """GenerateRequest.already_waited in seconds (0 when unset).
+
+    It must leave part of the TTFT budget: a request that has waited its whole budget can no
+    longer be served in its class, and a negative wait would stretch the client's deadline.
+    """
+    if not request.HasField("already_waited"):
+        return 0.0
+    waited = request.already_waited.ToNanoseconds() / 1e9
+    if waited < 0:
+        raise FieldError("already_waited", "must not be negative")
+    if waited >= budgets.ttft_s:
+        raise FieldError(
+            "already_waited",
+            f"{waited:g} s must be less than the TTFT budget ({budgets.ttft_s:g} s)",
+        )
+    return float(waited)
+
+
 def _prompt_ids(
     prompt: inference_pb2.Prompt,
     tokenize: Callable[[str], Sequence[int]],
@@ -166,6 +185,7 @@ def validate(
     if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
         raise FieldError("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
     class_name, budgets = resolve_slo(request.slo, catalog, "slo")
+    waited = already_waited_s(request, budgets)
     ids = _prompt_ids(request.prompt, tokenize, limits)
     sampling = _sampling(request.sampling, len(ids), limits)
     slo = RequestSlo(
@@ -177,5 +197,6 @@ def validate(
         tenant=request.tenant,
         labels=dict(request.labels),
         strict=request.strict,
+        already_waited_s=waited,
     )
     return ValidRequest(prompt_token_ids=ids, sampling=sampling, slo=slo)

@@ -146,6 +146,16 @@ class RequestSlo:
     labels: Mapping[str, str] = field(default_factory=dict)
     # End the request when it can no longer meet its SLO, instead of demoting it.
     strict: bool = False
+    # Time spent upstream before arrival_time (GenerateRequest.already_waited: in a gateway,
+    # on replicas that turned it away); less than the TTFT budget.
+    already_waited_s: float = 0.0
+
+    @property
+    def origin_time(self) -> float:
+        """When the request's SLO clock started: its arrival upstream. Its deadlines, and the
+        TTFT it is judged by, count from here (methodology §1: `a` is where the system first
+        saw it), so a retried request keeps its class with the budget that is left."""
+        return self.arrival_time - self.already_waited_s
 
     def to_extra_args(self) -> dict[str, Any]:
         return {EXTRA_ARGS_KEY: asdict(self) | {"labels": dict(self.labels)}}
@@ -165,6 +175,7 @@ class RequestSlo:
             tenant=str(data.get("tenant", "")),
             labels=dict(data.get("labels", {})),
             strict=bool(data.get("strict", False)),
+            already_waited_s=float(data.get("already_waited_s", 0.0)),
         )
 
 

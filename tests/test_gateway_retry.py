@@ -1,11 +1,13 @@
 """Routing details behind real replicas: a replica whose load reports stopped is asked with
-Probe before it is routed to, and a retry carries only the TTFT budget that is left.
+Probe before it is routed to, and a retry tells the next replica how long the request already
+waited (it keeps its SLO class, and only the TTFT budget that is left).
 
 The odd replica out is a small in-process gRPC server (it reports, probes and rejects as told);
 the replica that serves is the shared real one."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Gateway, Replica, free_port
+from conftest import Gateway, Replica, free_port, metric_sum
 
 from sloserve.client import build_request
 from sloserve.protoconv import duration, seconds
@@ -116,36 +118,129 @@ def start_gateway(tmp_path: Path, replicas: list[str]) -> Gateway:
     return gateway
 
 
-def first_message(gateway: Gateway) -> inference_pb2.GenerateResponse:
-    """Sends one request with explicit budgets and reads its stream to the end; returns the
-    Admission it began with."""
-    request = build_request(PROMPT, ttft_s=TTFT_BUDGET_S, tpot_s=1.0, max_tokens=2, ignore_eos=True)
+def send(
+    gateway: Gateway, request: inference_pb2.GenerateRequest | None = None
+) -> list[inference_pb2.GenerateResponse]:
+    """Sends one request (by default with explicit budgets) and reads its stream to the end."""
+    if request is None:
+        request = build_request(
+            PROMPT, ttft_s=TTFT_BUDGET_S, tpot_s=1.0, max_tokens=2, ignore_eos=True
+        )
     with grpc.insecure_channel(gateway.endpoint) as channel:
         stream = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=TIMEOUT_S)
         responses: list[inference_pb2.GenerateResponse] = list(stream)
     assert responses[-1].WhichOneof("event") == "completion"
-    return responses[0]
+    return responses
 
 
-def test_a_retry_carries_the_ttft_budget_that_is_left(
+def first_message(gateway: Gateway) -> inference_pb2.GenerateResponse:
+    """Sends one request with explicit budgets; returns the Admission it began with."""
+    return send(gateway)[0]
+
+
+def added_events(replica: Replica) -> dict[str, dict[str, object]]:
+    """The scheduler trace's "added" event of each request the replica's engine saw, by id."""
+    events = [json.loads(line) for line in replica.trace_path.read_text().splitlines()]
+    return {str(e["request_id"]): e for e in events if e["event"] == "added"}
+
+
+def test_a_retry_carries_the_time_already_waited(
     replica: Replica, fakes: list[Served], tmp_path: Path
 ) -> None:
     slow = serve(FakeReplica(reject_after_s=REJECT_AFTER_S))
     fakes.append(slow)
     gateway = start_gateway(tmp_path, [slow.endpoint, replica.endpoint])
     try:
-        budgets = [first_message(gateway).admission.budgets for _ in range(2)]
+        admissions = [first_message(gateway).admission for _ in range(2)]
     finally:
         assert gateway.stop() == 0
     retried = len(slow.fake.generates)
     assert retried == 1, "round robin sends one of the two there first"
-    # What the rejecting replica got: the full budget. What the real replica planned for:
-    # the full budget for the request it saw first, the rest of it for the retried one.
-    assert seconds(slow.fake.generates[0].slo.budgets.ttft) == pytest.approx(TTFT_BUDGET_S)
-    ttfts = sorted(seconds(b.ttft) for b in budgets)
-    assert ttfts[1] == pytest.approx(TTFT_BUDGET_S)
-    assert TTFT_BUDGET_S - 1.0 < ttfts[0] <= TTFT_BUDGET_S - REJECT_AFTER_S
-    assert all(seconds(b.tpot) == pytest.approx(1.0) for b in budgets)
+    # What the rejecting replica got: the request as the client sent it, nothing waited yet.
+    first_try = slow.fake.generates[0]
+    assert seconds(first_try.slo.budgets.ttft) == pytest.approx(TTFT_BUDGET_S)
+    assert not first_try.HasField("already_waited")
+    # What the real replica got: the same budgets both times (explicit ones stay explicit),
+    # and for the retried request the time it already spent in the gateway and on the
+    # rejecting replica, which the replica counts against the TTFT budget.
+    for admission in admissions:
+        assert seconds(admission.budgets.ttft) == pytest.approx(TTFT_BUDGET_S)
+        assert seconds(admission.budgets.tpot) == pytest.approx(1.0)
+        assert admission.class_name == ""
+    added = added_events(replica)
+    ids = {a.request_id for a in admissions}
+    assert first_try.request_id in ids
+    (direct,) = ids - {first_try.request_id}
+    assert added[direct]["already_waited_s"] == 0.0
+    assert REJECT_AFTER_S <= float(str(added[first_try.request_id]["already_waited_s"])) < 1.0
+    assert added[first_try.request_id]["ttft_s"] == pytest.approx(TTFT_BUDGET_S)
+
+
+def test_a_retried_class_request_is_served_and_counted_in_its_class(
+    replica: Replica, fakes: list[Served], tmp_path: Path
+) -> None:
+    """A class name cannot carry a shorter budget; `already_waited` lets the retry keep the
+    class, so the replica serves it with the class's policy and counts it under the class."""
+    slow = serve(FakeReplica(reject_after_s=REJECT_AFTER_S))
+    fakes.append(slow)
+    gateway = start_gateway(tmp_path, [slow.endpoint, replica.endpoint])
+
+    def outcomes(slo_class: str) -> dict[str, float]:
+        return {
+            o: metric_sum(
+                replica.metrics_url, "sloserve_requests_total", slo_class=slo_class, outcome=o
+            )
+            for o in ("attained", "missed", "best_effort", "cancelled", "rejected", "error")
+        }
+
+    def served(slo_class: str) -> float:
+        return sum(outcomes(slo_class).values())
+
+    def admitted(slo_class: str) -> float:
+        """The engine's SLO admissions under the class (counted as each is decided)."""
+        return metric_sum(
+            replica.metrics_url, "sloserve_admission_verdicts_total", slo_class=slo_class,
+            event="admitted",
+        )  # fmt: skip
+
+    before = served("coding"), served("")
+    admitted_before = admitted("coding"), admitted("")
+    try:
+        streams = [
+            send(
+                gateway,
+                build_request(PROMPT, slo_class="coding", max_tokens=2, ignore_eos=True),
+            )
+            for _ in range(2)
+        ]
+    finally:
+        assert gateway.stop() == 0
+    assert len(slow.fake.generates) == 1, "round robin sends one of the two there first"
+    retried_id = slow.fake.generates[0].request_id
+    retried = next(s for s in streams if s[0].admission.request_id == retried_id)
+    # The replica admitted the retry under its class, with the class's budgets
+    # (tests/classes.yaml: coding is 4 s and 250 ms), ...
+    admission = retried[0].admission
+    assert admission.class_name == "coding"
+    assert admission.mode == slo_pb2.ADMISSION_MODE_ADMITTED
+    assert admission.budgets.ttft.ToMilliseconds() == 4000
+    assert admission.budgets.tpot.ToMilliseconds() == 250
+    # ... planned for the client's deadline, ...
+    added = added_events(replica)[retried_id]
+    assert added["class_name"] == "coding"
+    assert REJECT_AFTER_S <= float(str(added["already_waited_s"])) < 1.0
+    # ... and both requests count in the class on the replica, none under explicit budgets
+    # (a replica counts a request as its stream closes, which the gateway need not wait for;
+    # any outcome: the gateway cancels the call once it has the Completion, which the replica
+    # may count as "cancelled").
+    deadline = time.monotonic() + 10
+    while served("coding") < before[0] + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served("coding") == before[0] + 2, outcomes("coding")
+    assert served("") == before[1]
+    assert (admitted("coding"), admitted("")) == (admitted_before[0] + 2, admitted_before[1])
+    # The gateway judges from its own arrival: the time on the rejecting replica counts.
+    assert seconds(retried[-1].completion.slo_outcome.ttft) >= REJECT_AFTER_S
 
 
 def test_a_replica_with_a_stale_report_is_probed_and_still_routed_to(

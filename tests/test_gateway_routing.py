@@ -1,4 +1,5 @@
-"""Routing policies, on load reports built by hand (no replicas needed)."""
+"""Routing policies, on load reports built by hand, and what a retry sends (no replicas
+needed)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from sloserve.client import build_request
 from sloserve.errors import FieldError
-from sloserve.gateway.replica_pool import Outstanding, Probed
+from sloserve.gateway.dispatch import Dispatcher, with_already_waited
+from sloserve.gateway.metrics import GatewayMetrics
+from sloserve.gateway.replica_pool import Outstanding, Probed, ReplicaPool
 from sloserve.gateway.routing import CostModel, RequestShape, Router, estimate_prompt_tokens
+from sloserve.gateway.slo_summary import SloSummary
+from sloserve.gateway.spillover import SpilloverDrainer, SpilloverQueue
+from sloserve.protoconv import duration, seconds
+from sloserve.slo import SloCatalog
 from sloserve.v1 import inference_pb2, replica_control_pb2
 
 COSTS = CostModel(prefill_tokens_per_s=1000.0, running_request_s=0.01)
@@ -124,3 +132,35 @@ def test_round_robin_takes_no_turn_for_a_retry() -> None:
     # "a" turned the request away: ranking the rest again is no new turn
     assert names(router.rank(replicas[1:], SHAPE, retry=True)) == ["b"]
     assert router.rank(replicas, SHAPE)[0].endpoint == "b"
+
+
+# -- what a retry sends --------------------------------------------------------------------
+
+
+def test_a_retry_keeps_the_class_and_says_how_long_the_request_waited() -> None:
+    request = build_request([5] * 8, slo_class="coding", max_tokens=4)
+    retry = with_already_waited(request, 0.4)
+    assert retry.slo.class_name == "coding" and retry.slo.WhichOneof("target") == "class_name"
+    assert seconds(retry.already_waited) == pytest.approx(0.4)
+    assert not request.HasField("already_waited")  # the first attempt's request is untouched
+
+
+def test_the_gateway_takes_a_clients_already_waited_and_checks_it() -> None:
+    """The gateway serves the same contract as a replica: time a request already waited
+    upstream counts from the gateway's arrival on, within the TTFT budget."""
+    pool, router, queue = ReplicaPool(0.25), Router("slack"), SpilloverQueue(1, 1.0)
+    catalog = SloCatalog.default()
+    dispatcher = Dispatcher(
+        pool, router, catalog, queue, SpilloverDrainer(queue, pool, router), GatewayMetrics(),
+        SloSummary(),
+    )  # fmt: skip
+    coding = catalog.get("coding")
+    assert coding is not None
+    request = build_request([5] * 8, slo_class="coding", max_tokens=4)
+    assert dispatcher._check(request) == ("coding", coding.budgets, 0.0)
+    request.already_waited.CopyFrom(duration(0.25))
+    assert dispatcher._check(request) == ("coding", coding.budgets, 0.25)
+    request.already_waited.CopyFrom(duration(coding.budgets.ttft_s))
+    with pytest.raises(FieldError) as bad:
+        dispatcher._check(request)
+    assert bad.value.field == "already_waited"

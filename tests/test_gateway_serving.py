@@ -16,8 +16,9 @@ import openai
 import pytest
 from conftest import Gateway, Replica, metric_sum
 
-from sloserve.client import Client, GenerationResult
+from sloserve.client import Client, GenerationResult, build_request
 from sloserve.errors import InvalidArgumentError, RejectedError
+from sloserve.protoconv import duration
 from sloserve.v1 import inference_pb2
 
 pytestmark = pytest.mark.engine
@@ -125,6 +126,13 @@ def test_bad_grpc_input_is_invalid_argument_naming_the_field(gateway: Gateway) -
         with pytest.raises(InvalidArgumentError) as bad_budget:
             client.generate(PROMPT, ttft_s=1.0, max_tokens=4)  # no tpot
         assert bad_budget.value.field == "slo.budgets.tpot"
+        # Already waited upstream longer than the whole TTFT budget (chat: 5 s).
+        waited_too_long = build_request(PROMPT, slo_class="chat", max_tokens=4)
+        waited_too_long.already_waited.CopyFrom(duration(6.0))
+        with pytest.raises(InvalidArgumentError) as too_late:
+            list(client.stream(waited_too_long))
+        assert too_late.value.field == "already_waited"
+        assert "TTFT budget" in too_late.value.message
         # Needs the tokenizer and the model's context: the replica's answer, passed on.
         with pytest.raises(InvalidArgumentError) as too_long:
             client.generate(PROMPT, max_tokens=5000)
@@ -142,8 +150,8 @@ def test_a_request_no_replica_admits_is_rejected_with_reason_and_retry_after(
         client.generate(PROMPT, max_tokens=4, **IMPOSSIBLE)
     assert rejected.value.reason == "COMPUTE"
     assert rejected.value.retry_after_s is not None and rejected.value.retry_after_s > 0
-    # A retry carries the TTFT budget left, and the first rejection used up all 0.1 ms of it:
-    # the other replica is not asked (retries: test_gateway_retry.py).
+    # A retry counts the time already spent against the TTFT budget, and the first rejection
+    # used up all 0.1 ms of it: the other replica is not asked (retries: test_gateway_retry.py).
     assert "1 tried" in rejected.value.message
 
 

@@ -10,12 +10,20 @@ from grpc_status import rpc_status
 
 from sloserve.client import Client, build_request
 from sloserve.errors import FieldError, InvalidArgumentError
-from sloserve.replica.validation import ModelLimits, validate
+from sloserve.protoconv import duration
+from sloserve.replica.validation import ModelLimits, ValidRequest, validate
 from sloserve.slo import SloCatalog
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, replica_control_pb2
 from sloserve.v1 import replica_control_pb2_grpc as control_grpc
 
 MAX_MODEL_LEN = 1024  # the tiny model's context
+
+
+def waited(request: inference_pb2.GenerateRequest, seconds: float) -> inference_pb2.GenerateRequest:
+    """`request` saying it already waited `seconds` upstream."""
+    request.already_waited.CopyFrom(duration(seconds))
+    return request
+
 
 CASES = {
     "empty prompt text": (build_request("", max_tokens=4), "prompt.text"),
@@ -37,6 +45,12 @@ CASES = {
     "budgets without tpot": (build_request("hi", ttft_s=1.0), "slo.budgets.tpot"),
     "negative temperature": (build_request("hi", temperature=-1.0), "sampling.temperature"),
     "top_p zero": (build_request("hi", top_p=0.0), "sampling.top_p"),
+    "negative already_waited": (waited(build_request("hi"), -0.5), "already_waited"),
+    # tests/classes.yaml: chat has a 5 s TTFT budget, all of it spent upstream
+    "already_waited the whole TTFT budget": (
+        waited(build_request("hi", slo_class="chat"), 5.0),
+        "already_waited",
+    ),
 }
 
 
@@ -101,3 +115,35 @@ def test_a_seeded_prompt_too_long_for_one_cpu_step_names_the_seed() -> None:
     with pytest.raises(FieldError) as error:
         validate(build_request([5] * 65, seed=1), catalog, limits, tokenize=_no_text)
     assert error.value.field == "sampling.seed" and "at most 64 tokens" in error.value.description
+
+
+def test_already_waited_must_leave_part_of_the_ttft_budget() -> None:
+    """What a request already waited upstream moves its SLO clock's start earlier and keeps
+    its class; it may not be negative nor use up the whole TTFT budget."""
+    limits = ModelLimits(max_model_len=4096, vocab_size=1000, default_max_tokens=16)
+    catalog = SloCatalog.default()
+    coding = catalog.get("coding")
+    assert coding is not None
+    budget = coding.budgets.ttft_s
+
+    def check(request: inference_pb2.GenerateRequest) -> ValidRequest:
+        return validate(request, catalog, limits, tokenize=_no_text, arrival_time=100.0)
+
+    fresh = check(build_request([5] * 8, slo_class="coding")).slo
+    assert fresh.already_waited_s == 0.0 and fresh.origin_time == 100.0
+    retried = check(waited(build_request([5] * 8, slo_class="coding"), 0.75)).slo
+    assert retried.class_name == "coding" and retried.budgets == coding.budgets
+    assert retried.arrival_time == 100.0  # its arrival here, for the replica's own latency
+    assert retried.already_waited_s == 0.75 and retried.origin_time == 99.25
+    assert check(waited(build_request([5] * 8, slo_class="coding"), budget - 0.001)).slo
+    for bad in (-0.001, budget, budget + 1.0):
+        with pytest.raises(FieldError) as error:
+            check(waited(build_request([5] * 8, slo_class="coding"), bad))
+        assert error.value.field == "already_waited"
+    with pytest.raises(FieldError) as error:
+        check(waited(build_request([5] * 8, slo_class="coding"), budget))
+    assert f"TTFT budget ({budget:g} s)" in error.value.description
+    # Explicit budgets: the same rule against their TTFT.
+    with pytest.raises(FieldError) as error:
+        check(waited(build_request([5] * 8, ttft_s=0.5, tpot_s=0.1), 0.5))
+    assert error.value.field == "already_waited"

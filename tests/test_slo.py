@@ -77,7 +77,15 @@ def test_request_slo_round_trips_through_extra_args() -> None:
     slo = RequestSlo(
         request_id="r1", class_name="", budgets=Budgets(0.5, 0.05, 0.02, 10),
         allow_best_effort=True, arrival_time=123.5, tenant="t", labels={"app": "x"},
+        already_waited_s=0.25,
     )  # fmt: skip
     assert RequestSlo.from_extra_args(slo.to_extra_args()) == slo
+    assert slo.origin_time == 123.25  # deadlines count from the arrival upstream
+    # Written without the field (an older replica): nothing waited upstream.
+    args = slo.to_extra_args()
+    del args["sloserve"]["already_waited_s"]
+    parsed = RequestSlo.from_extra_args(args)
+    assert parsed is not None and parsed.already_waited_s == 0.0
+    assert parsed.origin_time == parsed.arrival_time
     assert RequestSlo.from_extra_args(None) is None
     assert RequestSlo.from_extra_args({"other": 1}) is None

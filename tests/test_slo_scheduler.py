@@ -15,6 +15,8 @@ from conftest import Replica
 
 from sloserve.client import Client, GenerationResult, build_request
 from sloserve.errors import RejectedError, SloserveError
+from sloserve.protoconv import duration, seconds
+from sloserve.v1 import slo_pb2
 
 PROMPT = list(range(10, 210))  # 200 tokens
 
@@ -46,6 +48,47 @@ def test_an_impossible_ttft_is_rejected_with_its_reason(replica: Replica) -> Non
     verdicts = [e for e in trace_events(replica) if e.get("request_id") == "no-way"]
     assert [e["event"] for e in verdicts if e["event"] != "added"] == ["rejected"]
     assert 'event="rejected",reason="COMPUTE"' in metrics_text(replica)
+
+
+def test_a_request_that_already_waited_keeps_its_class_and_its_true_deadline(
+    replica: Replica,
+) -> None:
+    """`already_waited` (set by a gateway that retries a request) counts against the TTFT
+    budget: chat's 5 s with 2 s spent upstream leaves 3 s, the request stays in its class,
+    and its outcome is judged from the arrival upstream."""
+    request = build_request(
+        PROMPT, slo_class="chat", max_tokens=4, ignore_eos=True, request_id="waited-2s"
+    )
+    request.already_waited.CopyFrom(duration(2.0))
+    with Client(replica.endpoint) as client:
+        events = list(client.stream(request))
+    admission, completion = events[0].admission, events[-1].completion
+    assert admission.class_name == "chat" and admission.budgets.ttft.ToMilliseconds() == 5000
+    assert admission.mode == slo_pb2.ADMISSION_MODE_ADMITTED
+    # TTFT from the arrival upstream: the 2 s already waited plus this replica's own time;
+    # the latency is this replica's own time only.
+    ttft_s, latency_s = seconds(completion.slo_outcome.ttft), seconds(completion.latency)
+    assert 2.0 <= ttft_s < 2.0 + latency_s
+    assert completion.slo_outcome.attained
+    (added,) = [
+        e for e in trace_events(replica) if e.get("request_id") == "waited-2s" and
+        e["event"] == "added"
+    ]  # fmt: skip
+    assert added["class_name"] == "chat" and added["already_waited_s"] == 2.0
+
+
+def test_admission_counts_what_a_request_already_waited(replica: Replica) -> None:
+    """A 50 ms TTFT budget is plenty for 200 tokens on the tiny model (about 5 ms to prefill);
+    with 49.9 ms of it spent upstream, the 2.6 ms left (with the judge's 5%) are not, and the
+    SLO policy turns the request away as it would an impossible budget."""
+    hopeless = build_request(PROMPT, ttft_s=0.05, tpot_s=0.5, max_tokens=4, request_id="waited")
+    hopeless.already_waited.CopyFrom(duration(0.0499))
+    with Client(replica.endpoint) as client, pytest.raises(RejectedError) as rejected:
+        list(client.stream(hopeless))
+    assert rejected.value.reason == "COMPUTE"
+    verdicts = [e for e in trace_events(replica) if e.get("request_id") == "waited"]
+    assert [e["event"] for e in verdicts if e["event"] != "added"] == ["rejected"]
+    assert verdicts[0]["already_waited_s"] == pytest.approx(0.0499)
 
 
 def test_best_effort_when_the_client_accepts_it(replica: Replica) -> None:

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from sloserve.v1 import slo_pb2 as sloserve_dot_v1_dot_slo__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsloserve/v1/inference.proto\x12\x0bsloserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15sloserve/v1/slo.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"L\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.sloserve.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\xbe\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xc0\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06prompt\x18\x02 \x01(\x0b\x32\x13.sloserve.v1.Prompt\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.sloserve.v1.SamplingParams\x12!\n\x03slo\x18\x04 \x01(\x0b\x32\x14.sloserve.v1.SloSpec\x12\x19\n\x11\x61llow_best_effort\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.sloserve.v1.GenerateRequest.LabelsEntry\x12\x0e\n\x06strict\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd5\x01\n\tAdmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.sloserve.v1.AdmissionMode\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12(\n\x07\x62udgets\x18\x04 \x01(\x0b\x32\x17.sloserve.v1.SloBudgets\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x35\n\x12\x62\x65st_effort_reason\x18\x06 \x01(\x0e\x32\x19.sloserve.v1.RejectReason\"4\n\x08\x44\x65motion\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x18\n\x10tokens_delivered\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xbb\x01\n\nCompletion\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.sloserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.sloserve.v1.Usage\x12,\n\x0bslo_outcome\x18\x03 \x01(\x0b\x32\x17.sloserve.v1.SloOutcome\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xcc\x01\n\x10GenerateResponse\x12+\n\tadmission\x18\x01 \x01(\x0b\x32\x16.sloserve.v1.AdmissionH\x00\x12(\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x17.sloserve.v1.TokenDeltaH\x00\x12-\n\ncompletion\x18\x03 \x01(\x0b\x32\x17.sloserve.v1.CompletionH\x00\x12)\n\x08\x64\x65motion\x18\x04 \x01(\x0b\x32\x15.sloserve.v1.DemotionH\x00\x42\x07\n\x05\x65vent*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32V\n\tInference\x12I\n\x08Generate\x12\x1c.sloserve.v1.GenerateRequest\x1a\x1d.sloserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsloserve/v1/inference.proto\x12\x0bsloserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15sloserve/v1/slo.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"L\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.sloserve.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\xbe\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xf3\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06prompt\x18\x02 \x01(\x0b\x32\x13.sloserve.v1.Prompt\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.sloserve.v1.SamplingParams\x12!\n\x03slo\x18\x04 \x01(\x0b\x32\x14.sloserve.v1.SloSpec\x12\x19\n\x11\x61llow_best_effort\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.sloserve.v1.GenerateRequest.LabelsEntry\x12\x0e\n\x06strict\x18\x08 \x01(\x08\x12\x31\n\x0e\x61lready_waited\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd5\x01\n\tAdmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.sloserve.v1.AdmissionMode\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12(\n\x07\x62udgets\x18\x04 \x01(\x0b\x32\x17.sloserve.v1.SloBudgets\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x35\n\x12\x62\x65st_effort_reason\x18\x06 \x01(\x0e\x32\x19.sloserve.v1.RejectReason\"4\n\x08\x44\x65motion\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x18\n\x10tokens_delivered\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xbb\x01\n\nCompletion\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.sloserve.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.sloserve.v1.Usage\x12,\n\x0bslo_outcome\x18\x03 \x01(\x0b\x32\x17.sloserve.v1.SloOutcome\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xcc\x01\n\x10GenerateResponse\x12+\n\tadmission\x18\x01 \x01(\x0b\x32\x16.sloserve.v1.AdmissionH\x00\x12(\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x17.sloserve.v1.TokenDeltaH\x00\x12-\n\ncompletion\x18\x03 \x01(\x0b\x32\x17.sloserve.v1.CompletionH\x00\x12)\n\x08\x64\x65motion\x18\x04 \x01(\x0b\x32\x15.sloserve.v1.DemotionH\x00\x42\x07\n\x05\x65vent*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32V\n\tInference\x12I\n\x08Generate\x12\x1c.sloserve.v1.GenerateRequest\x1a\x1d.sloserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1491
-  _globals['_FINISHREASON']._serialized_end=1586
+  _globals['_FINISHREASON']._serialized_start=1542
+  _globals['_FINISHREASON']._serialized_end=1637
   _globals['_TOKENIDS']._serialized_start=99
   _globals['_TOKENIDS']._serialized_end=122
   _globals['_PROMPT']._serialized_start=124
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=203
   _globals['_SAMPLINGPARAMS']._serialized_end=393
   _globals['_GENERATEREQUEST']._serialized_start=396
-  _globals['_GENERATEREQUEST']._serialized_end=716
-  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_start=671
-  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_end=716
-  _globals['_ADMISSION']._serialized_start=719
-  _globals['_ADMISSION']._serialized_end=932
-  _globals['_DEMOTION']._serialized_start=934
-  _globals['_DEMOTION']._serialized_end=986
-  _globals['_TOKENDELTA']._serialized_start=988
-  _globals['_TOKENDELTA']._serialized_end=1033
-  _globals['_USAGE']._serialized_start=1035
-  _globals['_USAGE']._serialized_end=1092
-  _globals['_COMPLETION']._serialized_start=1095
-  _globals['_COMPLETION']._serialized_end=1282
-  _globals['_GENERATERESPONSE']._serialized_start=1285
-  _globals['_GENERATERESPONSE']._serialized_end=1489
-  _globals['_INFERENCE']._serialized_start=1588
-  _globals['_INFERENCE']._serialized_end=1674
+  _globals['_GENERATEREQUEST']._serialized_end=767
+  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_start=722
+  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_end=767
+  _globals['_ADMISSION']._serialized_start=770
+  _globals['_ADMISSION']._serialized_end=983
+  _globals['_DEMOTION']._serialized_start=985
+  _globals['_DEMOTION']._serialized_end=1037
+  _globals['_TOKENDELTA']._serialized_start=1039
+  _globals['_TOKENDELTA']._serialized_end=1084
+  _globals['_USAGE']._serialized_start=1086
+  _globals['_USAGE']._serialized_end=1143
+  _globals['_COMPLETION']._serialized_start=1146
+  _globals['_COMPLETION']._serialized_end=1333
+  _globals['_GENERATERESPONSE']._serialized_start=1336
+  _globals['_GENERATERESPONSE']._serialized_end=1540
+  _globals['_INFERENCE']._serialized_start=1639
+  _globals['_INFERENCE']._serialized_end=1725
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "sampling", "slo", "allow_best_effort", "tenant", "labels", "strict")
+    __slots__ = ("request_id", "prompt", "sampling", "slo", "allow_best_effort", "tenant", "labels", "strict", "already_waited")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class GenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     STRICT_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_WAITED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Prompt
     sampling: SamplingParams
@@ -75,7 +76,8 @@ class GenerateRequest(_message.Message):
     tenant: str
     labels: _containers.ScalarMap[str, str]
     strict: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_slo_pb2.SloSpec, _Mapping]] = ..., allow_best_effort: _Optional[bool] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., strict: _Optional[bool] = ...) -> None: ...
+    already_waited: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_slo_pb2.SloSpec, _Mapping]] = ..., allow_best_effort: _Optional[bool] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., strict: _Optional[bool] = ..., already_waited: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Admission(_message.Message):
     __slots__ = ("request_id", "mode", "class_name", "budgets", "prompt_tokens", "best_effort_reason")
