@@ -119,6 +119,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
         entry = state.start(slo, len(valid.prompt_token_ids))
         outcome_label, attained = "error", None
+        completion_sent = False
         prompt_tokens = len(valid.prompt_token_ids)
         verdict_wait = rt.verdicts.expect(slo.request_id)
         outputs = rt.engine.generate(
@@ -215,7 +216,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             rt.metrics.ttft.labels(slo.class_name).observe(outcome.ttft_s)
             if len(token_times) > 1:
                 rt.metrics.tpot.labels(slo.class_name).observe(outcome.mean_tpot_s)
-            yield inference_pb2.GenerateResponse(
+            last = inference_pb2.GenerateResponse(
                 completion=inference_pb2.Completion(
                     finish_reason=_FINISH_REASONS[finish_reason or ""],
                     usage=inference_pb2.Usage(
@@ -226,8 +227,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     latency=duration(time.time() - arrival),
                 )
             )
+            # Set before the yield: a client that ends the call on receiving the Completion
+            # raises GeneratorExit at the yield itself.
+            completion_sent = True
+            yield last
         except (asyncio.CancelledError, GeneratorExit):
-            outcome_label = "cancelled"  # the client went away; the engine has aborted it
+            # The client went away; the engine has aborted the request. A client that ends
+            # the call once it has the Completion (the gateway does) cancelled nothing.
+            if not completion_sent:
+                outcome_label = "cancelled"
             raise
         except grpc.aio.AbortError:
             raise

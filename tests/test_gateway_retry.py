@@ -204,6 +204,7 @@ def test_a_retried_class_request_is_served_and_counted_in_its_class(
         )  # fmt: skip
 
     before = served("coding"), served("")
+    cancelled_before = outcomes("coding")["cancelled"]
     admitted_before = admitted("coding"), admitted("")
     try:
         streams = [
@@ -230,14 +231,15 @@ def test_a_retried_class_request_is_served_and_counted_in_its_class(
     assert added["class_name"] == "coding"
     assert REJECT_AFTER_S <= float(str(added["already_waited_s"])) < 1.0
     # ... and both requests count in the class on the replica, none under explicit budgets
-    # (a replica counts a request as its stream closes, which the gateway need not wait for;
-    # any outcome: the gateway cancels the call once it has the Completion, which the replica
-    # may count as "cancelled").
+    # (a replica counts a request as its stream closes, which the gateway need not wait for).
     deadline = time.monotonic() + 10
     while served("coding") < before[0] + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert served("coding") == before[0] + 2, outcomes("coding")
     assert served("") == before[1]
+    # The gateway ends each call once it has the Completion: a finished request, not a
+    # cancelled one.
+    assert outcomes("coding")["cancelled"] == cancelled_before, outcomes("coding")
     assert (admitted("coding"), admitted("")) == (admitted_before[0] + 2, admitted_before[1])
     # The gateway judges from its own arrival: the time on the rejecting replica counts.
     assert seconds(retried[-1].completion.slo_outcome.ttft) >= REJECT_AFTER_S
