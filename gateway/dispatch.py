@@ -171,6 +171,12 @@ class Dispatcher:
 
     # -- validation ----------------------------------------------------------------------
 
+    def _may_spill(self, class_name: str) -> bool:
+        """Whether the class lets its requests go to the best-effort queue (explicit budgets
+        do: the client's allow_best_effort decides)."""
+        slo_class = self.catalog.get(class_name) if class_name else None
+        return slo_class is None or slo_class.best_effort
+
     def _check(self, request: inference_pb2.GenerateRequest) -> tuple[str, Budgets, float]:
         """(class name, budgets, seconds already waited upstream), or FieldError naming the
         first bad field."""
@@ -264,7 +270,7 @@ class Dispatcher:
                 return
             if not rejections:
                 raise failures.unavailable(self._no_replica_message(), "NO_REPLICA")
-            if not request.allow_best_effort:
+            if not request.allow_best_effort or not self._may_spill(class_name):
                 raise self._rejection(rejections, class_name)
             async for response in self._spill(forward, shape, stream, rejections[0].reason):
                 yield response

@@ -262,7 +262,9 @@ def _slo_class() -> dict[str, Any]:
             ),
             "spillToBestEffort": {
                 "type": "boolean",
-                "description": "Whether the class's requests may be served as best effort.",
+                "description": "Whether the class's requests may be served as best effort "
+                "(admitted as such, demoted when late, spilled by the gateway). false: they are "
+                "rejected, or ended with DEADLINE_EXCEEDED, instead.",
                 "default": DEFAULTS["class.spillToBestEffort"],
             },
         },

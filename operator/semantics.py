@@ -42,10 +42,11 @@ class ResolvedClass:
         entry["tpot_ms"] = self.spec.tpot_ms
         if self.spec.thinking_tpot_ms is not None:
             entry["thinking_tpot_ms"] = self.spec.thinking_tpot_ms
+        # Replicas and gateway act on it (sloserve.slo.SloClass.best_effort).
+        entry["spill_to_best_effort"] = self.spec.spill_to_best_effort
         # Read by the operator and recorded for people; replicas and gateway ignore them.
         entry["attainment_target"] = self.spec.attainment_target
         entry["priority"] = self.spec.priority
-        entry["spill_to_best_effort"] = self.spec.spill_to_best_effort
         return entry
 
 

@@ -188,15 +188,19 @@ def validate(
     waited = already_waited_s(request, budgets)
     ids = _prompt_ids(request.prompt, tokenize, limits)
     sampling = _sampling(request.sampling, len(ids), limits)
+    slo_class = catalog.get(class_name) if class_name else None
+    # A class that forbids best effort overrides the client: such a request is rejected
+    # rather than served best effort, and ended rather than demoted.
+    best_effort_forbidden = slo_class is not None and not slo_class.best_effort
     slo = RequestSlo(
         request_id=request.request_id or f"req-{uuid.uuid4().hex[:16]}",
         class_name=class_name,
         budgets=budgets,
-        allow_best_effort=request.allow_best_effort,
+        allow_best_effort=request.allow_best_effort and not best_effort_forbidden,
         arrival_time=arrival_time if arrival_time is not None else time.time(),
         tenant=request.tenant,
         labels=dict(request.labels),
-        strict=request.strict,
+        strict=request.strict or best_effort_forbidden,
         already_waited_s=waited,
     )
     return ValidRequest(prompt_token_ids=ids, sampling=sampling, slo=slo)

@@ -59,6 +59,10 @@ class SloClass:
     name: str
     budgets: Budgets
     description: str = ""
+    # Whether its requests may be served as best effort: admitted as such when their SLO
+    # cannot be promised, demoted when it can no longer be met, spilled by a gateway. False:
+    # they are rejected, or ended with DEADLINE_EXCEEDED, instead (`spill_to_best_effort`).
+    best_effort: bool = True
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,12 @@ class SloCatalog:
                 raise FieldError(f"classes[{i}].{missing.args[0]}", "is required") from None
             except (TypeError, ValueError) as bad:
                 raise FieldError(f"classes[{i}]", f"bad number: {bad}") from None
-            classes[name] = SloClass(name, budgets, str(item.get("description", "")))
+            best_effort = item.get("spill_to_best_effort", True)
+            if not isinstance(best_effort, bool):
+                raise FieldError(f"classes[{i}].spill_to_best_effort", "must be true or false")
+            classes[name] = SloClass(
+                name, budgets, str(item.get("description", "")), best_effort=best_effort
+            )
         default = data.get("default_class", raw_classes[0]["name"] if raw_classes else "")
         return cls(classes=classes, default_class=str(default))
 

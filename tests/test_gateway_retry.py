@@ -277,3 +277,50 @@ def test_a_stale_replica_that_does_not_answer_its_probe_is_left_out(
         assert gateway.stop() == 0
     assert mute.fake.probes >= 1
     assert mute.fake.generates == []
+
+
+def test_a_class_that_forbids_best_effort_is_rejected_not_spilled(
+    fakes: list[Served], tmp_path: Path
+) -> None:
+    """No replica admits anything (a full one, injected); a request that accepts best effort
+    spills to the queue, unless its class says `spill_to_best_effort: false`."""
+    full = serve(FakeReplica())
+    fakes.append(full)
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(
+        "classes:\n"
+        "  - {name: chat, ttft_ms: 5000, tpot_ms: 500}\n"
+        "  - {name: coding, ttft_ms: 4000, tpot_ms: 250, spill_to_best_effort: false}\n"
+    )
+    gateway = Gateway(
+        workdir=tmp_path,
+        replicas=[full.endpoint],
+        args=["--classes", str(classes), "--queue-ttl", "1"],
+    )
+    gateway.start()
+
+    def spilled(slo_class: str) -> float:
+        return metric_sum(
+            gateway.metrics_url, "sloserve_gateway_spilled_total", slo_class=slo_class
+        )
+
+    def answer(slo_class: str) -> grpc.RpcError:
+        request = build_request(PROMPT, slo_class=slo_class, max_tokens=2, allow_best_effort=True)
+        with (
+            grpc.insecure_channel(gateway.endpoint) as channel,
+            pytest.raises(grpc.RpcError) as error,
+        ):
+            list(inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=TIMEOUT_S))
+        return error.value
+
+    try:
+        gateway.wait_serving()
+        coding = answer("coding")
+        assert coding.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no replica can meet this SLO now" in str(coding.details())
+        assert spilled("coding") == 0
+        chat = answer("chat")  # queued, finds no room within the 1 s TTL
+        assert chat.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert spilled("chat") == 1
+    finally:
+        assert gateway.stop() == 0

@@ -12,7 +12,7 @@ from sloserve.client import Client, build_request
 from sloserve.errors import FieldError, InvalidArgumentError
 from sloserve.protoconv import duration
 from sloserve.replica.validation import ModelLimits, ValidRequest, validate
-from sloserve.slo import SloCatalog
+from sloserve.slo import RequestSlo, SloCatalog
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, replica_control_pb2
 from sloserve.v1 import replica_control_pb2_grpc as control_grpc
 
@@ -147,3 +147,36 @@ def test_already_waited_must_leave_part_of_the_ttft_budget() -> None:
     with pytest.raises(FieldError) as error:
         check(waited(build_request([5] * 8, ttft_s=0.5, tpot_s=0.1), 0.5))
     assert error.value.field == "already_waited"
+
+
+def test_a_class_that_forbids_best_effort_overrides_the_client() -> None:
+    """`spill_to_best_effort: false`: the class's requests are never best effort here, so the
+    engine rejects rather than serves them best effort, and ends rather than demotes them."""
+    limits = ModelLimits(max_model_len=4096, vocab_size=1000, default_max_tokens=16)
+    catalog = SloCatalog.from_mapping(
+        {
+            "classes": [
+                {"name": "chat", "ttft_ms": 2000, "tpot_ms": 100},
+                {"name": "trading", "ttft_ms": 200, "tpot_ms": 20, "spill_to_best_effort": False},
+            ]
+        }
+    )
+
+    def slo(
+        slo_class: str | None = None, ttft_s: float | None = None, tpot_s: float | None = None
+    ) -> RequestSlo:
+        request = build_request(
+            [5] * 8, slo_class=slo_class, ttft_s=ttft_s, tpot_s=tpot_s, allow_best_effort=True
+        )
+        return validate(request, catalog, limits, tokenize=_no_text).slo
+
+    assert slo(slo_class="chat").allow_best_effort and not slo(slo_class="chat").strict
+    trading = slo(slo_class="trading")
+    assert not trading.allow_best_effort and trading.strict
+    explicit = slo(ttft_s=0.2, tpot_s=0.02)  # no class: the client decides
+    assert explicit.allow_best_effort and not explicit.strict
+    with pytest.raises(FieldError) as error:
+        SloCatalog.from_mapping(
+            {"classes": [{"name": "x", "ttft_ms": 1, "tpot_ms": 1, "spill_to_best_effort": "no"}]}
+        )
+    assert error.value.field == "classes[0].spill_to_best_effort"
