@@ -7,7 +7,8 @@ Decided once, when the request reaches the engine's scheduler, by simulating for
   spent their slack; it can only do better). Each request's first token must land before its
   TTFT deadline, and the final decode batch must fit in a step of the tightest TPOT. The
   candidate is turned away if it would miss, or if an admitted request that would have met its
-  deadline without it would miss with it.
+  deadline without it would miss with it. "Miss" is held to the forecast's own error, measured
+  on the first tokens of the requests it admitted (ForecastErrors, allowance_s()).
 - Memory. The KV cache must hold every admitted request's prompt and its expected output
   (max_tokens, or its class's learned length when that is smaller). Best-effort requests do
   not count: they are preempted first to make room.
@@ -33,9 +34,17 @@ from sloserve.replica.slo_request import Mode, Reason, SloRequest
 from sloserve.slo import TOLERANCE
 from sloserve.stepmodel import StepShape, StepTimeModel
 
-# A candidate predicted late is admitted while the queue ahead of it adds at most this
-# fraction of its TTFT budget to its lateness (see AdmissionController._compute).
+# Forecast lateness tolerated, as a fraction of the request's TTFT budget, while the
+# forecast's error is unknown (see AdmissionController.allowance_s).
 QUEUE_LATE_ALLOWANCE = 0.25
+# The forecast's error, measured: how much later than forecast an admitted request's first
+# token came, in its TTFT budgets. Admission holds a forecast to the FORECAST_ERROR_QUANTILE of
+# the last FORECAST_ERROR_WINDOW errors, none older than FORECAST_ERROR_MAX_AGE_S, once
+# FORECAST_ERROR_MIN_SAMPLES are known.
+FORECAST_ERROR_QUANTILE = 0.9
+FORECAST_ERROR_WINDOW = 200
+FORECAST_ERROR_MIN_SAMPLES = 20
+FORECAST_ERROR_MAX_AGE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,8 @@ class Verdict:
     reason: Reason = Reason.NONE
     # Which check decided against the request, for traces: "memory", "hopeless" (late even
     # served first), "tpot" (the decode batch cannot keep it), "queue" (the queue ahead makes
-    # it too late), "others" (it would make an admitted request late).
+    # it too late), "late" (too late beside the decode batch alone, the forecast's measured
+    # error counted), "others" (it would make an admitted request late).
     check: str = ""
 
     @property
@@ -85,6 +95,55 @@ class OutputLengths:
         return min(max_tokens, ordered[index])
 
 
+class ForecastErrors:
+    """How far off the admission forecast was, measured on the requests it admitted.
+
+    Each sample is a first token's actual time less the time forecast for it, in the
+    request's TTFT budgets: 0 on time to the forecast, 0.5 half a budget later. Under load the
+    forecast is optimistic (the planner's safety factor and reserve shorten the steps it
+    counts whole, and requests with earlier deadlines that arrive later are served first); a
+    high quantile of the recent errors says how much later than forecast a first token may
+    come. Errors age out, so a margin learned in a burst does not outlive it.
+    """
+
+    def __init__(
+        self,
+        window: int = FORECAST_ERROR_WINDOW,
+        quantile: float = FORECAST_ERROR_QUANTILE,
+        min_samples: int = FORECAST_ERROR_MIN_SAMPLES,
+        max_age_s: float = FORECAST_ERROR_MAX_AGE_S,
+    ) -> None:
+        self._quantile = quantile
+        self._min_samples = min_samples
+        self._max_age_s = max_age_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)  # (when, error)
+        # The quantile as of the last change, and when the oldest sample ages out.
+        self._cached: tuple[float | None, float] | None = None
+
+    def observe(self, now: float, error: float) -> None:
+        self._samples.append((now, error))
+        self._cached = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def quantile(self, now: float) -> float | None:
+        """The error (in TTFT budgets) most first tokens stayed within; None until enough
+        recent ones are known."""
+        if self._cached is not None and now < self._cached[1]:
+            return self._cached[0]
+        samples = self._samples
+        while samples and samples[0][0] < now - self._max_age_s:
+            samples.popleft()
+        value: float | None = None
+        if len(samples) >= self._min_samples:
+            errors = sorted(error for _, error in samples)
+            value = errors[min(len(errors) - 1, math.ceil(self._quantile * len(errors)) - 1)]
+        expires = samples[0][0] + self._max_age_s if samples else math.inf
+        self._cached = (value, expires)
+        return value
+
+
 class AdmissionController:
     def __init__(
         self,
@@ -99,19 +158,68 @@ class AdmissionController:
         self.kv_capacity_tokens = kv_capacity_tokens
         self.lengths = lengths or OutputLengths()
         self.limits = limits or LiveLimits(safety_factor=settings.safety_factor)
+        self.errors = ForecastErrors()
+        # Admitted requests waiting for their first token: (when it was forecast to come, the
+        # request's TTFT budget).
+        self._forecasts: dict[str, tuple[float, float]] = {}
 
     def decide(self, now: float, candidate: SloRequest, admitted: Sequence[SloRequest]) -> Verdict:
         """The verdict for `candidate`, given the requests already in the engine."""
         held = [r for r in admitted if r.admitted and r is not candidate]
         reason, check = self._memory(candidate, held), "memory"
+        forecast: dict[str, float] = {}
         if reason is Reason.NONE:
-            check = self._compute(now, candidate, held)
+            check = self._compute(now, candidate, held, forecast)
             reason = Reason.COMPUTE if check else Reason.NONE
         if reason is Reason.NONE:
+            if candidate.request_id in forecast:
+                self._forecasts[candidate.request_id] = (
+                    forecast[candidate.request_id], candidate.budgets.ttft_s,
+                )  # fmt: skip
             return ADMIT
         if candidate.slo.allow_best_effort:
             return Verdict(Mode.BEST_EFFORT, reason, check)
         return Verdict(None, reason, check)
+
+    # -- the forecast's error ---------------------------------------------------------------
+
+    def waiting_for_first_token(self) -> list[str]:
+        """Admitted requests whose forecast first token has not come yet."""
+        return list(self._forecasts)
+
+    def observe_first_token(self, request_id: str, at: float) -> None:
+        """The first token of an admitted request came at `at` (when its step ended)."""
+        forecast = self._forecasts.pop(request_id, None)
+        if forecast is not None:
+            when, budget_s = forecast
+            self.errors.observe(at, (at - when) / budget_s)
+
+    def forget(self, request_id: str) -> None:
+        """The request left before its first token (aborted), or is no longer admitted: its
+        forecast teaches nothing more (an expiry reports a miss first, observe_first_token)."""
+        self._forecasts.pop(request_id, None)
+
+    def allowance_s(self, now: float, budget_s: float) -> float:
+        """Forecast lateness tolerated (s; negative: a margin required) of the first token
+        of a request of TTFT budget `budget_s`.
+
+        While the forecast's error is unknown, QUEUE_LATE_ALLOWANCE of the budget: the
+        forecast is taken to be pessimistic (steps of the tightest TPOT). Once measured, a
+        first token forecast `x` budgets late lands, most likely, `x + error` budgets late:
+        the allowance is what the error leaves, never more than QUEUE_LATE_ALLOWANCE. Where
+        the forecast proves optimistic (under load), the allowance becomes a margin that
+        grows with the error, so admission stops promising what it cannot keep.
+        """
+        error = self.errors.quantile(now)
+        if error is None:
+            return QUEUE_LATE_ALLOWANCE * budget_s
+        return min(QUEUE_LATE_ALLOWANCE, -error) * budget_s
+
+    def _forecast_pessimistic(self, now: float) -> bool:
+        """Whether the forecast may be taken for pessimistic: its error not measured yet, or
+        measured to be on time or early for most first tokens."""
+        error = self.errors.quantile(now)
+        return error is None or error <= 0.0
 
     # -- memory --------------------------------------------------------------------------
 
@@ -125,61 +233,85 @@ class AdmissionController:
 
     # -- compute -------------------------------------------------------------------------
 
-    def _compute(self, now: float, candidate: SloRequest, held: Sequence[SloRequest]) -> str:
+    def _compute(
+        self,
+        now: float,
+        candidate: SloRequest,
+        held: Sequence[SloRequest],
+        forecast: dict[str, float] | None = None,
+    ) -> str:
         """The check that turns the candidate away for lack of compute ("" when none does):
         it is turned away when it cannot be served in time even first, when it would make
         an admitted request late that would otherwise be on time, or when the decode batch
-        could no longer keep its TPOT.
+        could no longer keep its TPOT. `forecast` receives the forecast time of the first
+        token of each request waiting for it, the candidate's included.
 
-        A candidate predicted late is still admitted unless the queue ahead of it adds more
-        than QUEUE_LATE_ALLOWANCE of its TTFT budget to its lateness. Lateness with the decode
-        batch alone comes from the simulation's pessimism (steps of the tightest TPOT), and
-        a rejection is a miss as sure as a late token; should the candidate fall behind for
-        real, expiry demotes it to best effort, out of everyone's way. A queue that makes it
-        that much later, as under a burst, is real: admitting it would only break the promise
-        admission makes.
+        Lateness is held to the allowance (`allowance_s()`): QUEUE_LATE_ALLOWANCE of the TTFT
+        budget until the forecast's error is measured, then what that error leaves of it. A
+        candidate late with the decode batch alone, nothing queued, is still admitted while
+        the forecast may be pessimistic (steps of the tightest TPOT): a rejection is a miss
+        as sure as a late token, and should it fall behind for real, expiry demotes it to
+        best effort, out of everyone's way. What the queue ahead adds to its lateness is
+        real; so is all of it once the forecast has proved optimistic.
         """
         if self._hopeless(now, candidate):
             return "hopeless"
         batch = _DecodeBatch(self._decoders(now, held))
         queue = [r for r in held if r.output_tokens == 0]
-        without = self._late_requests(now, batch.copy(), queue)
+        without = self._forecast(now, batch.copy(), queue)
         alone: dict[str, float] | None = {}
         if candidate.output_tokens == 0:
-            alone = self._late_requests(now, batch.copy(), [candidate])
+            alone = self._forecast(now, batch.copy(), [candidate])
             queue.append(candidate)
         else:  # resumed with tokens out already: it decodes (or recomputes) from the start
             for decoder in self._decoders(now, [candidate]):
                 batch.add(decoder)
-        with_candidate = self._late_requests(now, batch, queue)
+        first_tokens = forecast if forecast is not None else {}
+        with_candidate = self._forecast(now, batch, queue, first_tokens)
         if with_candidate is None or alone is None:
             return "tpot"
-        lateness = with_candidate.pop(candidate.request_id, 0.0)
-        queue_lateness = lateness - alone.get(candidate.request_id, 0.0)
-        if queue_lateness > QUEUE_LATE_ALLOWANCE * candidate.budgets.ttft_s:
-            return "queue"
-        if without is not None and self._made_late(with_candidate, without, held):
-            return "others"
+        me = candidate.request_id
+        lateness = with_candidate.pop(me, -math.inf)
+        allowance = self.allowance_s(now, candidate.budgets.ttft_s)
+        alone_lateness = alone.get(me, -math.inf)
+        pessimistic = self._forecast_pessimistic(now)
+        exempt = max(0.0, alone_lateness) if pessimistic else 0.0
+        if lateness - exempt > allowance:
+            late_alone = not pessimistic and alone_lateness > allowance
+            return "late" if late_alone else "queue"
+        if without is not None:
+            allowances = {
+                r.request_id: self.allowance_s(now, r.budgets.ttft_s)
+                for r in held
+                if r.request_id in with_candidate
+            }
+            if self._made_late(with_candidate, without, allowances):
+                return "others"
         return ""
 
     @staticmethod
     def _made_late(
-        with_candidate: dict[str, float], without: dict[str, float], held: Sequence[SloRequest]
+        with_candidate: dict[str, float], without: dict[str, float], allowances: dict[str, float]
     ) -> bool:
         """Whether the candidate makes an admitted request late that would be on time
-        (within the allowance) without it. The forecast is pessimistic (steps of the
-        tightest TPOT while any decode rides along), so, as for the candidate itself,
-        lateness within QUEUE_LATE_ALLOWANCE of the request's TTFT budget is the forecast's
-        bias, not a miss: in a burst of short prompts this check, counting any lateness,
-        turned away requests that, admitted, left every admitted request on time
-        (docs/benchmarks.md)."""
-        allowances = {r.request_id: QUEUE_LATE_ALLOWANCE * r.budgets.ttft_s for r in held}
+        without it: pushes its forecast lateness past its allowance (s).
+
+        With the allowance positive (the forecast taken for pessimistic), lateness within it
+        is the forecast's bias, not a miss: in a burst of short prompts a check counting any
+        lateness turned away requests that, admitted, left every admitted request on time
+        (docs/benchmarks.md). The allowance is a request's in all, not per newcomer: one
+        predicted a little late stays protected, or each admission could push it a little
+        further. With the allowance negative (a margin: the forecast measured optimistic), a
+        request forecast on time but within the margin is at risk already; a newcomer may
+        not delay it at all.
+        """
 
         def made_late(request_id: str, lateness: float) -> bool:
-            allowance = allowances.get(request_id, 0.0)
-            # The allowance is a request's in all, not per newcomer: one predicted a little
-            # late stays protected, or each admission could push it a little further.
-            return without.get(request_id, 0.0) <= allowance < lateness
+            limit = allowances.get(request_id)
+            if limit is None:
+                return False
+            before = without.get(request_id, -math.inf)
+            return before <= max(limit, 0.0) and lateness > max(limit, before + _EPSILON_S)
 
         return any(made_late(r, lateness) for r, lateness in with_candidate.items())
 
@@ -208,6 +340,22 @@ class AdmissionController:
         """Requests of `queue` (waiting for their first token) whose first token would miss
         its deadline, with by how much (s), with `batch` decoding alongside (it is consumed);
         None if the decode batch that results cannot keep the tightest TPOT."""
+        lateness = self._forecast(now, batch, queue)
+        if lateness is None:
+            return None
+        return {request_id: late for request_id, late in lateness.items() if late > 0}
+
+    def _forecast(
+        self,
+        now: float,
+        batch: _DecodeBatch,
+        queue: Sequence[SloRequest],
+        first_tokens: dict[str, float] | None = None,
+    ) -> dict[str, float] | None:
+        """The lateness (s; negative: early) of the first token of each request of `queue`
+        (waiting for it), with `batch` decoding alongside (it is consumed); None if the
+        decode batch that results cannot keep the tightest TPOT. `first_tokens` receives the
+        time each first token is forecast."""
         s = self.settings
         late: dict[str, float] = {}
         t = now
@@ -222,9 +370,9 @@ class AdmissionController:
             if segment is None:
                 return None
             t += segment[0]
-            lateness = t + s.delivery_s - request.next_deadline(TOLERANCE)
-            if lateness > 0:
-                late[request.request_id] = lateness
+            late[request.request_id] = t + s.delivery_s - request.next_deadline(TOLERANCE)
+            if first_tokens is not None:
+                first_tokens[request.request_id] = t
             # It decodes from here on, ahead of schedule by what its early first token left.
             own_tpot = _tightest_tpot(request)
             first_due = max(request.ttft_deadline, t) + own_tpot
@@ -291,6 +439,10 @@ class AdmissionController:
             steps_taken = (bound - tokens * c1) / c0
             return bound, max(0.0, slack + steps_taken * tpot - bound)
         return duration, max(0.0, slack + steps * tpot - duration)
+
+
+# Forecast delays below this are rounding, not a newcomer's doing.
+_EPSILON_S = 1e-9
 
 
 def _tightest_tpot(request: SloRequest) -> float:

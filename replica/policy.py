@@ -78,6 +78,8 @@ class SloPolicy:
         """Decides the request's admission; a request that is not rejected is tracked."""
         # Admission judges the candidate as the engine would serve it once admitted: with
         # the step cap its TTFT brings. Only admitted requests keep the cap they brought.
+        # The full budget, not what a retried request has left (already_waited): the cap is
+        # for the requests still to come, and those arrive with the full budget of the class.
         uncapped = self.limits.max_step_s
         self.limits.max_step_s = min(uncapped, self._step_cap_for(request.budgets.ttft_s))
         verdict = self.admission.decide(now, request, list(self.requests.values()))
@@ -140,15 +142,29 @@ class SloPolicy:
     def finish(self, request_id: str, completed: bool) -> SloRequest | None:
         """Forgets a request; a completed one teaches its class's output length."""
         request = self.requests.pop(request_id, None)
+        if request is not None and request.first_token_at is not None:
+            self.admission.observe_first_token(request_id, request.first_token_at)
+        self.admission.forget(request_id)
         if request is not None and completed:
             self.lengths.observe(request.slo.class_name, request.output_tokens)
         return request
+
+    def _learn_forecast_errors(self) -> None:
+        """Teaches admission how far off its forecasts were: each admitted request's first
+        token against the time forecast for it."""
+        for request_id in self.admission.waiting_for_first_token():
+            request = self.requests.get(request_id)
+            if request is None or not request.admitted:
+                self.admission.forget(request_id)
+            elif request.first_token_at is not None:
+                self.admission.observe_first_token(request_id, request.first_token_at)
 
     # -- expiry ----------------------------------------------------------------------------
 
     def expire(self, now: float) -> list[Expiry]:
         """Admitted requests that can no longer meet their SLO, even served next on an idle
         engine: demoted to best effort (or to be aborted, for strict clients)."""
+        self._learn_forecast_errors()
         expired: list[Expiry] = []
         idle_step = self.model.idle_decode_s() + self.limits.overhead_s
         for request in self.requests.values():
@@ -160,6 +176,9 @@ class SloPolicy:
                 earliest = now + max(idle_step, prefill)
             if earliest + self.settings.delivery_s <= request.next_deadline(TOLERANCE):
                 continue
+            if request.output_tokens == 0:
+                # Its first token misses: it would come at `earliest` at the soonest.
+                self.admission.observe_first_token(request.request_id, earliest)
             strict = request.slo.strict
             expired.append(Expiry(request, abort=strict))
             action = "aborted" if strict else "demoted"

@@ -7,8 +7,10 @@ import math
 import pytest
 
 from sloserve.replica.admission import (
+    FORECAST_ERROR_MIN_SAMPLES,
     QUEUE_LATE_ALLOWANCE,
     AdmissionController,
+    ForecastErrors,
     OutputLengths,
     _DecodeBatch,
 )
@@ -35,9 +37,13 @@ def make(
     best_effort_ok: bool = False,
     strict: bool = False,
     class_name: str = "",
+    already_waited: float = 0.0,
 ) -> SloRequest:
     name = class_name or ("tight" if budgets is TIGHT else "loose")
-    slo = RequestSlo(request_id, name, budgets, best_effort_ok, arrival, strict=strict)
+    slo = RequestSlo(
+        request_id, name, budgets, best_effort_ok, arrival, strict=strict,
+        already_waited_s=already_waited,
+    )  # fmt: skip
     return SloRequest(request_id, slo, prompt_tokens=prompt, max_tokens=max_tokens)
 
 
@@ -67,6 +73,51 @@ def test_next_deadline_follows_the_judge() -> None:
     assert judge(10.0, times, budgets).met
     late = [*times[:-1], times[-1] + 0.06 * budgets.tpot_s * 7]
     assert not judge(10.0, late, budgets).met
+
+
+def test_time_already_waited_moves_every_deadline_earlier() -> None:
+    """A request that waited 0.3 s upstream (a gateway, a replica that turned it away)
+    arrives here at 10.0 with its SLO clock started at 9.7: its first token is due at
+    9.7 + F, and the decode clock starts from that deadline, as the judge counts them from the
+    arrival upstream."""
+    budgets = Budgets(ttft_s=1.0, tpot_s=0.04, thinking_tpot_s=0.02, thinking_tokens=2)
+    request = make("r", budgets, arrival=10.0, already_waited=0.3)
+    assert request.arrival == pytest.approx(9.7)
+    assert request.ttft_deadline == pytest.approx(10.7)
+    assert request.next_deadline() == pytest.approx(10.7)
+    assert request.next_deadline(1.05) == pytest.approx(9.7 + 1.05)
+    assert request.planning_deadline() == pytest.approx(10.7)
+    times: list[float] = []
+    for k in range(6):
+        due = request.next_deadline()
+        t = due - 0.2 if k == 0 else due  # an early first token gives decode no slack
+        times.append(t)
+        request.on_tokens(1, t)
+    # Token 2 is due one thinking TPOT after the TTFT deadline (10.7), not after 11.0.
+    assert times[1] == pytest.approx(10.7 + 0.02)
+    assert judge(request.slo.origin_time, times, budgets).met
+    # Judged from the arrival here instead, the first token would look 0.3 s faster.
+    assert judge(10.0, times, budgets).ttft_s == pytest.approx(0.5)
+    assert judge(request.slo.origin_time, times, budgets).ttft_s == pytest.approx(0.8)
+
+
+def test_admission_and_expiry_count_what_a_request_already_waited() -> None:
+    """100 tokens take 15 ms to prefill: on time with the full 200 ms budget (210 ms with the
+    judge's 5%), hopeless with 11 ms of it left, though the budgets (and the class) are the
+    same."""
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=100_000)
+    assert policy.arrive(5.0, make("fresh", TIGHT, arrival=5.0)).mode is Mode.ADMITTED
+    late = make("late", TIGHT, arrival=5.0, already_waited=0.199)
+    verdict = policy.arrive(5.0, late)
+    assert verdict.rejected and verdict.reason is Reason.COMPUTE and verdict.check == "hopeless"
+    assert policy.counters.rejected == {("tight", "COMPUTE"): 1}  # counted in its class
+    # Expiry uses the same deadline: admitted with 60 ms left (judge's line at 6.06), it
+    # expires once a 15 ms prefill can no longer end before it.
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=100_000)
+    retried = make("retried", TIGHT, arrival=6.0, already_waited=0.15)
+    assert policy.arrive(6.0, retried).mode is Mode.ADMITTED
+    assert policy.expire(6.02) == []
+    assert [e.request for e in policy.expire(6.05)] == [retried]
 
 
 def test_prefill_left_counts_recomputation_after_preemption() -> None:
@@ -274,6 +325,102 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     assert late_alone is not None and late_queued is not None
     assert 0 < late_queued["p"] - late_alone["p"] <= QUEUE_LATE_ALLOWANCE * 0.25
     assert admission.decide(0.0, prompt, [pressed, *small]).mode is Mode.ADMITTED
+
+
+def measured(admission: AdmissionController, error: float) -> AdmissionController:
+    """`admission` once it has seen enough first tokens come `error` TTFT budgets later
+    than it forecast them, just now."""
+    for _ in range(FORECAST_ERROR_MIN_SAMPLES):
+        admission.errors.observe(0.0, error)
+    return admission
+
+
+def test_forecast_errors_answer_a_high_quantile_once_enough_recent_ones_are_known() -> None:
+    errors = ForecastErrors(window=10, quantile=0.9, min_samples=5, max_age_s=30.0)
+    for error in (0.0, 0.1, 0.2, 0.3):
+        errors.observe(0.0, error)
+    assert errors.quantile(0.0) is None  # 4 samples: not enough yet
+    errors.observe(0.0, 0.4)
+    assert errors.quantile(0.0) == pytest.approx(0.4)
+    for _ in range(10):  # the window keeps the last 10: the old errors are gone
+        errors.observe(1.0, -0.2)
+    assert len(errors) == 10 and errors.quantile(1.0) == pytest.approx(-0.2)
+    # Errors age out: 31 s on, nothing is known again.
+    assert errors.quantile(31.5) is None
+
+
+def test_allowance_is_what_the_measured_forecast_error_leaves() -> None:
+    # Unmeasured, the forecast is taken for pessimistic: a quarter of a budget late is fine.
+    assert controller().allowance_s(0.0, 0.2) == pytest.approx(QUEUE_LATE_ALLOWANCE * 0.2)
+    # First tokens measured 0.4 budgets later than forecast: a forecast must now be 0.4
+    # budgets early to be on time.
+    assert measured(controller(), 0.4).allowance_s(0.0, 0.2) == pytest.approx(-0.08)
+    # A forecast measured pessimistic never earns more than the default allowance.
+    assert measured(controller(), -0.6).allowance_s(0.0, 0.2) == pytest.approx(0.05)
+    # A margin learned in a burst does not outlive it: 30 s on, the errors are gone.
+    assert measured(controller(), 0.4).allowance_s(31.0, 0.2) == pytest.approx(0.05)
+
+
+def test_a_forecast_measured_optimistic_admits_only_with_a_margin() -> None:
+    # The cases admitted above by the allowance, once first tokens have been seen to come a
+    # tenth of a TTFT budget later than forecast.
+    pressed = decoding(make("pressed", TIGHT, arrival=-0.5), first_token_at=-0.3)
+    pressed.on_tokens(29, -0.01)
+    prompt = make("p", Budgets(ttft_s=0.25, tpot_s=0.05), prompt=2000)
+    # Late beside the decode batch alone: no longer taken for the forecast's pessimism.
+    assert controller().decide(0.0, prompt, [pressed]).mode is Mode.ADMITTED
+    verdict = measured(controller(), 0.1).decide(0.0, prompt, [pressed])
+    assert verdict.rejected and verdict.check == "late"
+    # A newcomer pushing an admitted request a little past its deadline (within the
+    # default allowance) now makes it late.
+    first = make("first", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1500)
+    small = make("small", Budgets(ttft_s=0.15, tpot_s=0.05), prompt=600)
+    assert controller().decide(0.0, small, [first]).mode is Mode.ADMITTED
+    verdict = measured(controller(), 0.1).decide(0.0, small, [first])
+    assert verdict.rejected and verdict.check == "others"
+    # `first` alone is forecast at 155 ms for a 210 ms line: 55 ms early, enough for an
+    # error of 0.1 of its 200 ms budget (20 ms), not for one of 0.4 (80 ms).
+    assert measured(controller(), 0.1).decide(0.0, first, []).mode is Mode.ADMITTED
+    verdict = measured(controller(), 0.4).decide(0.0, first, [])
+    assert verdict.rejected and verdict.check == "late"
+    # A 100-token newcomer due sooner delays `first` by 15 ms, to 40 ms early: within a
+    # margin of 20 ms, so admitted; past one of 50 ms, so not.
+    tiny = make("tiny", Budgets(ttft_s=0.15, tpot_s=0.05), prompt=100)
+    assert measured(controller(), 0.1).decide(0.0, tiny, [first]).mode is Mode.ADMITTED
+    verdict = measured(controller(), 0.25).decide(0.0, tiny, [first])
+    assert verdict.rejected and verdict.check == "others"
+    # With a margin of 60 ms `first` is at risk already (admitted when the error was
+    # smaller): a newcomer may not delay it at all, though it stays before its deadline.
+    verdict = measured(controller(), 0.3).decide(0.0, tiny, [first])
+    assert verdict.rejected and verdict.check == "others"
+    assert measured(controller(), -0.3).decide(0.0, tiny, [first]).mode is Mode.ADMITTED
+
+
+def test_policy_measures_the_forecast_error_on_first_tokens() -> None:
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=100_000)
+    # Idle: a 100-token prompt is forecast to be done 15 ms after its arrival.
+    on_time = make("a", TIGHT, arrival=0.0, prompt=100)
+    assert policy.arrive(0.0, on_time).mode is Mode.ADMITTED
+    assert policy.admission.waiting_for_first_token() == ["a"]
+    on_time.computed_tokens = 100
+    on_time.on_tokens(1, 0.055)  # 40 ms later than forecast
+    policy.expire(0.06)
+    assert policy.admission.waiting_for_first_token() == []
+    policy.finish("a", completed=True)
+    # One that expires waiting counts a miss: at least what serving it then would take.
+    missed = make("b", TIGHT, arrival=0.0, prompt=100)
+    assert policy.arrive(0.0, missed).mode is Mode.ADMITTED
+    (expiry,) = policy.expire(0.205)
+    assert expiry.request is missed
+    # An admitted request that leaves before its first token teaches nothing.
+    gone = make("c", TIGHT, arrival=0.3, prompt=100)
+    policy.arrive(0.3, gone)
+    policy.finish("c", completed=False)
+    assert policy.admission.waiting_for_first_token() == []
+    errors = policy.admission.errors
+    assert len(errors) == 2
+    # (55 ms - 15 ms) / 200 ms; the miss: (0.205 s + 15 ms of prefill - 15 ms) / 200 ms.
+    assert sorted(error for _, error in errors._samples) == pytest.approx([0.2, 1.025])
 
 
 def test_decode_batch_that_cannot_keep_its_tpot_is_refused() -> None:
