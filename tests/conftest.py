@@ -5,6 +5,7 @@ A replica costs about 20 s to start, so the main one is started once per test se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -75,7 +76,11 @@ class Replica:
             *self.args,
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # A session of its own: kill() ends its engine-core process with it, as a
+            # container's death would (SIGKILL to the replica alone orphans the engine core).
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def health(self) -> str:
         """SERVING, NOT_SERVING, or UNREACHABLE while the gRPC server is not up."""
@@ -105,8 +110,20 @@ class Replica:
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+            return self.kill()
+        finally:
+            self._kill_group()  # whatever the replica left behind
+
+    def kill(self) -> int:
+        """SIGKILL to the replica and its engine core: no drain, connections just drop."""
+        assert self.process is not None
+        self._kill_group()
+        return self.process.wait()
+
+    def _kill_group(self) -> None:
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
