@@ -76,10 +76,12 @@ class Replica:
             *self.args,
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
-            # A session of its own: kill() ends its engine-core process with it, as a
+            # A process group of its own: kill() ends its engine-core process with it, as a
             # container's death would (SIGKILL to the replica alone orphans the engine core).
+            # Not a session of its own: the kernel's autogroup scheduling would then give it
+            # a CPU share apart from the tests', and change their timing.
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0
             )
 
     def health(self) -> str:
