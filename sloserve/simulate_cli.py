@@ -209,14 +209,7 @@ def _sweep(run: _Run, policies: list[str]) -> tuple[dict[str, Any], str]:
             sims[name].append(sim)
             return stats
 
-        results[name] = find_capacity(
-            run_at,
-            low=start,
-            resolution=FULL.resolution,
-            max_trials=FULL.max_trials,
-            progress=_progress,
-            growth=FULL.growth,
-        )
+        results[name] = _search(run, start, run_at)
         _progress(f"== {name}: capacity {results[name].capacity:.3f} req/s")
     capacity = {name: results[name].capacity for name in policies}
     ratios = {
