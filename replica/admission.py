@@ -66,7 +66,8 @@ ADMIT = Verdict(Mode.ADMITTED)
 
 
 class OutputLengths:
-    """Per-class output lengths of finished requests, for the KV-memory bound.
+    """Output lengths of finished requests per length group (`RequestSlo.length_group`: a
+    class, or one shape of explicit budgets), for the KV-memory bound and the decode horizon.
 
     Keeps the last `window` lengths per class and answers a high quantile, so a request is
     expected to need as much KV as most of its class did.
@@ -76,19 +77,19 @@ class OutputLengths:
         self._window = window
         self._quantile = quantile
         self._min_samples = min_samples
-        self._by_class: dict[str, deque[int]] = {}
+        self._by_group: dict[str, deque[int]] = {}
         self._sorted: dict[str, list[int]] = {}
 
-    def observe(self, class_name: str, tokens: int) -> None:
-        recent = self._by_class.setdefault(class_name, deque(maxlen=self._window))
-        ordered = self._sorted.setdefault(class_name, [])
+    def observe(self, group: str, tokens: int) -> None:
+        recent = self._by_group.setdefault(group, deque(maxlen=self._window))
+        ordered = self._sorted.setdefault(group, [])
         if len(recent) == self._window:
             ordered.pop(bisect.bisect_left(ordered, recent[0]))
         recent.append(tokens)
         bisect.insort(ordered, tokens)
 
-    def expected(self, class_name: str, max_tokens: int) -> int:
-        ordered = self._sorted.get(class_name, [])
+    def expected(self, group: str, max_tokens: int) -> int:
+        ordered = self._sorted.get(group, [])
         if len(ordered) < self._min_samples:
             return max_tokens
         index = min(len(ordered) - 1, math.ceil(self._quantile * len(ordered)) - 1)
@@ -224,7 +225,7 @@ class AdmissionController:
     # -- memory --------------------------------------------------------------------------
 
     def kv_tokens(self, request: SloRequest) -> int:
-        expected = self.lengths.expected(request.slo.class_name, request.max_tokens)
+        expected = self.lengths.expected(request.slo.length_group, request.max_tokens)
         return request.prompt_tokens + max(expected, request.output_tokens)
 
     def _memory(self, candidate: SloRequest, held: Iterable[SloRequest]) -> Reason:
@@ -402,7 +403,7 @@ class AdmissionController:
         return True
 
     def _decode_left(self, request: SloRequest) -> int:
-        expected = self.lengths.expected(request.slo.class_name, request.max_tokens)
+        expected = self.lengths.expected(request.slo.length_group, request.max_tokens)
         return max(1, expected - request.output_tokens)
 
     def _prefill_segment(

@@ -146,7 +146,7 @@ class SloPolicy:
             self.admission.observe_first_token(request_id, request.first_token_at)
         self.admission.forget(request_id)
         if request is not None and completed:
-            self.lengths.observe(request.slo.class_name, request.output_tokens)
+            self.lengths.observe(request.slo.length_group, request.output_tokens)
         return request
 
     def _learn_forecast_errors(self) -> None:

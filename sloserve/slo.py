@@ -166,6 +166,18 @@ class RequestSlo:
         saw it), so a retried request keeps its class with the budget that is left."""
         return self.arrival_time - self.already_waited_s
 
+    @property
+    def length_group(self) -> str:
+        """Whose finished output lengths forecast this request's: its class's, or, for
+        explicit budgets, those of the requests its tenant sent with the same TPOT budgets.
+        One application sends one shape of budget; pooling every explicit-budget request
+        instead let short chats set the expected length of long reasoning answers (in the
+        mixed benchmark, its 90th percentile was reasoning's median)."""
+        if self.class_name:
+            return self.class_name
+        b = self.budgets
+        return f"{self.tenant}/tpot={b.tpot_s:.6g},thinking={b.thinking_tpot_s or 0:.6g}"
+
     def to_extra_args(self) -> dict[str, Any]:
         return {EXTRA_ARGS_KEY: asdict(self) | {"labels": dict(self.labels)}}
 

@@ -467,6 +467,31 @@ def test_output_lengths_quantile() -> None:
     assert lengths.expected("c", 150) == 150
 
 
+def test_explicit_budgets_learn_output_lengths_per_budget_shape() -> None:
+    """Requests without a class are grouped by tenant and TPOT budgets: short answers sent
+    with loose budgets do not shorten the expected length of long ones sent with tight
+    budgets, as they did when every explicit-budget request was pooled."""
+    policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=1_000_000)
+
+    def finish_explicit(request_id: str, budgets: Budgets, tokens: int, tenant: str = "") -> None:
+        slo = RequestSlo(request_id, "", budgets, False, 0.0, tenant=tenant)
+        request = decoding(SloRequest(request_id, slo, 10, max_tokens=5000), 0.0, tokens)
+        policy.requests[request_id] = request
+        policy.finish(request_id, completed=True)
+
+    for i in range(30):
+        finish_explicit(f"short{i}", LOOSE, 20)
+        finish_explicit(f"long{i}", TIGHT, 1500)
+    loose, tight = (RequestSlo("x", "", b, False, 0.0).length_group for b in (LOOSE, TIGHT))
+    assert loose != tight
+    assert policy.lengths.expected(loose, 5000) == 20
+    assert policy.lengths.expected(tight, 5000) == 1500
+    other_tenant = RequestSlo("x", "", TIGHT, False, 0.0, tenant="b").length_group
+    assert policy.lengths.expected(other_tenant, 5000) == 5000  # nothing learned: max_tokens
+    # A class keeps its own group, whatever its budgets.
+    assert RequestSlo("x", "chat", TIGHT, False, 0.0).length_group == "chat"
+
+
 # -- expiry --------------------------------------------------------------------------------
 
 
