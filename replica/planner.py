@@ -171,9 +171,19 @@ class StepPlanner:
             seats -= 1
         plan.time_limit_s = limit
         left = budget - used
-        # Best effort runs in what the SLO work leaves of the step.
+        # Best effort runs in what the SLO work leaves of the step: in its tokens, and in its
+        # time, at each request's full cost. A decode costs its context (attention over its
+        # KV cache) far more than its one token: on the CPU bench model a decode over 1,000
+        # tokens of context costs as much as 10 prompt tokens, so best-effort decodes counted
+        # as tokens alone could overrun the step's limit by several times.
+        has_best_effort = bool(best_effort_decodes or prefill_best_effort)
+        spare = _StepRoom(
+            self.model,
+            self._compute_s(limit) if has_best_effort else math.inf,  # (skips the shape's cost)
+            self._shape(plan, decoding, prefilling) if has_best_effort else StepShape(0, 0, 0),
+        )
         for request in best_effort_decodes:
-            if left <= 0 or seats <= 0:
+            if left <= 0 or seats <= 0 or not spare.take(1, request.context_tokens + 1):
                 plan.skipped.append(request.request_id)
                 continue
             plan.decodes.append(request.request_id)
@@ -182,11 +192,14 @@ class StepPlanner:
         for request in prefill_best_effort:
             if left <= 0 or seats <= 0:
                 break
-            if request.prefill_left > left and not request.split_prefill:
+            fits = spare.prompt_tokens(request.context_tokens, min(request.prefill_left, left))
+            if request.prefill_left > fits and not request.split_prefill:
                 continue
-            tokens = min(request.prefill_left, left)
-            plan.prefills.append((request.request_id, tokens))
-            left -= tokens
+            if fits <= 0:
+                break
+            spare.take(fits, request.context_tokens + fits)
+            plan.prefills.append((request.request_id, fits))
+            left -= fits
             seats -= 1
         if plan.tokens == 0:
             self._ensure_progress(
@@ -214,21 +227,73 @@ class StepPlanner:
             if request_id in plan.skipped:
                 plan.skipped.remove(request_id)
 
+    def _compute_s(self, limit_s: float) -> float:
+        """Model time a step may take and still end within `limit_s`, with the margin and the
+        loop overhead, and within the step cap (inf: no limit)."""
+        limit_s = min(limit_s, self.limits.max_step_s)
+        if math.isinf(limit_s):
+            return math.inf
+        return (limit_s - self.limits.overhead_s) / self.limits.safety_factor
+
     def _token_budget(self, limit_s: float, requests: int, context: int) -> int:
         """Most tokens a step may take and still end within `limit_s` (with the margin and
         the loop overhead), and within the step cap."""
         cap = self.settings.max_step_tokens
-        limit_s = min(limit_s, self.limits.max_step_s)
-        if math.isinf(limit_s):
+        compute_s = self._compute_s(limit_s)
+        if math.isinf(compute_s):
             return cap
-        compute_s = (limit_s - self.limits.overhead_s) / self.limits.safety_factor
         return self.model.tokens_within(compute_s, requests, context, cap=cap)
+
+    @staticmethod
+    def _shape(
+        plan: StepPlan, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]
+    ) -> StepShape:
+        by_id = {r.request_id: r for r in (*decoding, *prefilling)}
+        context = sum(by_id[i].context_tokens + 1 for i in plan.decodes)
+        context += sum(by_id[i].context_tokens + n for i, n in plan.prefills)
+        return StepShape(tokens=plan.tokens, requests=len(plan.scheduled), context_tokens=context)
 
     def predict(
         self, plan: StepPlan, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]
     ) -> float:
-        by_id = {r.request_id: r for r in (*decoding, *prefilling)}
-        context = sum(by_id[i].context_tokens + 1 for i in plan.decodes)
-        context += sum(by_id[i].context_tokens + n for i, n in plan.prefills)
-        shape = StepShape(tokens=plan.tokens, requests=len(plan.scheduled), context_tokens=context)
+        shape = self._shape(plan, decoding, prefilling)
         return self.model.predict(shape) + self.limits.overhead_s if plan.tokens else 0.0
+
+
+class _StepRoom:
+    """Model time a step has left for more work, piece by piece of the step-time model (a
+    step's time is the largest of its linear pieces, so work fits when it fits every piece)."""
+
+    def __init__(self, model: StepTimeModel, compute_s: float, planned: StepShape) -> None:
+        self._pieces = model.pieces
+        x = planned.features()
+        self._room: list[float] | None = (
+            None
+            if math.isinf(compute_s)
+            else [compute_s - sum(c * v for c, v in zip(p, x, strict=True)) for p in self._pieces]
+        )
+
+    def take(self, tokens: int, context: int) -> bool:
+        """Adds one more request computing `tokens` tokens over `context` tokens of context,
+        if it fits; whether it did."""
+        if self._room is None:
+            return True
+        costs = [b * tokens + c + d * context for _, b, c, d in self._pieces]
+        if any(cost > room for cost, room in zip(costs, self._room, strict=True)):
+            return False
+        self._room = [room - cost for cost, room in zip(costs, self._room, strict=True)]
+        return True
+
+    def prompt_tokens(self, computed: int, most: int) -> int:
+        """Most prompt tokens (up to `most`) one more request, `computed` tokens in, fits."""
+        if self._room is None:
+            return most
+        fits = most
+        for (_, b, c, d), room in zip(self._pieces, self._room, strict=True):
+            per_token = b + d
+            spare = room - c - d * computed
+            if spare < 0:
+                return 0
+            if per_token > 0:
+                fits = min(fits, math.floor(spare / per_token))
+        return max(0, fits)

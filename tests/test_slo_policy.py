@@ -246,6 +246,49 @@ def test_best_effort_gets_only_what_slo_work_leaves() -> None:
     assert plan.prefills == [("slo", SETTINGS.max_step_tokens)]
 
 
+def test_best_effort_decodes_fit_the_step_at_their_context_cost() -> None:
+    """A decode costs its context, not just its token: best effort fills only the time the
+    step has left before the earliest due SLO decode, counted at full cost."""
+    model = StepTimeModel(pieces=[(0.005, 0.0001, 0.0, 0.000002)])  # + 2 us a context token
+    planner = StepPlanner(model, SETTINGS)
+    now = 0.98
+    busy = decoding(make("d", TIGHT, arrival=0.79, prompt=100), first_token_at=0.97)
+    slack = busy.planning_deadline() - now  # 10.5 ms
+
+    def best_effort(request_id: str, prompt: int) -> SloRequest:
+        request = make(request_id, LOOSE, prompt=prompt)
+        request.demote(Reason.COMPUTE)
+        return decoding(request, first_token_at=0.5)
+
+    # The SLO decode takes 5.3 ms; each best-effort decode over 1,000 tokens takes 2.1 ms:
+    # two fit the 10.5 ms. Counted as tokens alone, all ten did (26 ms, 2.5x the slack).
+    long_context = [best_effort(f"b{i}", prompt=1000) for i in range(10)]
+    plan = planner.plan(now, [busy, *long_context], [])
+    assert plan.decodes == ["d", "b0", "b1"]
+    assert plan.skipped == [f"b{i}" for i in range(2, 10)]
+    assert plan.predicted_s <= slack
+    # Short contexts cost little: all ten ride along.
+    short_context = [best_effort(f"s{i}", prompt=10) for i in range(10)]
+    plan = planner.plan(now, [busy, *short_context], [])
+    assert len(plan.decodes) == 11 and plan.predicted_s <= slack
+
+
+def test_best_effort_prefill_fits_the_step_at_its_context_cost() -> None:
+    model = StepTimeModel(pieces=[(0.005, 0.0001, 0.0, 0.000002)])
+    planner = StepPlanner(model, SETTINGS)
+    now = 0.98
+    busy = decoding(make("d", TIGHT, arrival=0.79, prompt=100), first_token_at=0.97)
+    slack = busy.planning_deadline() - now
+    resumed = make("be", LOOSE, prompt=3000)  # best effort, 2,000 of its prompt done
+    resumed.demote(Reason.COMPUTE)
+    resumed.computed_tokens = 2000
+    plan = planner.plan(now, [busy], [resumed])
+    ((request_id, tokens),) = plan.prefills
+    # 5.2 ms left: 2,000 tokens of context take 4 ms, each new token 0.102 ms: 11 tokens.
+    assert request_id == "be" and tokens == 11
+    assert plan.predicted_s <= slack
+
+
 # -- admission -----------------------------------------------------------------------------
 
 
