@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sloserve.bench import planner_overhead, report
+from sloserve.bench import planner_overhead, report, scenario_table
 from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.overload import overload_report, overload_table
@@ -608,6 +608,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     planner_p.add_argument("--steps", type=int, default=2000, help="steps timed per load")
     planner_p.add_argument("--out", type=Path, required=True, help="results directory")
 
+    table_p = verbs.add_parser(
+        "table", help="one table of several scenarios' `bench compare` results, with means"
+    )
+    table_p.add_argument("runs", nargs="+", type=Path, help="`bench compare` --out folders")
+    table_p.add_argument("--out", type=Path, help="also write table.md and table.json here")
+
     compare_p = verbs.add_parser("compare", help="start each system and compare capacities")
     common(compare_p)
     compare_p.add_argument("--kv-cache-gib", type=float, default=1.0)
@@ -653,9 +659,25 @@ def planner_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def table_command(args: argparse.Namespace) -> int:
+    try:
+        rows = [scenario_table.load_row(folder) for folder in args.runs]
+    except scenario_table.TableError as error:
+        raise SystemExit(f"sloserve bench table: {error}") from None
+    table = scenario_table.markdown(rows)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report.write_results(args.out / "table.json", scenario_table.to_json(rows))
+        (args.out / "table.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     if args.verb == "planner":
         return planner_command(args)
+    if args.verb == "table":
+        return table_command(args)
     if args.vocab is None:
         config = args.model / "config.json"
         if not config.exists():

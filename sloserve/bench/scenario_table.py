@@ -1,0 +1,121 @@
+"""The all-scenarios table: one `bench compare` summary per scenario, in one table.
+
+Each row is one scenario's capacities and sloserve's ratios to stock vLLM's defaults and to
+the best tuned vLLM variant of that run; the last line gives the ratios' geometric means.
+Every figure is read from the summaries (`summary.json`), so the table is the runs' own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SLOSERVE = "sloserve"
+BASELINE = "vllm-default"
+
+
+class TableError(ValueError):
+    """A results folder that is not a `bench compare` run with sloserve and stock vLLM."""
+
+
+@dataclass(frozen=True)
+class ScenarioRow:
+    scenario: str
+    capacity: dict[str, float]  # by system, req/s
+    # Systems whose search found no failing rate: their capacity is only a lower bound.
+    lower_bounds: frozenset[str]
+    best_tuned: str | None
+    requests_per_load_point: int
+
+    def ratio(self, other: str | None) -> float | None:
+        theirs = self.capacity.get(other or "", 0.0)
+        return self.capacity[SLOSERVE] / theirs if theirs > 0 else None
+
+
+def load_row(folder: Path) -> ScenarioRow:
+    path = folder / "summary.json"
+    try:
+        summary: dict[str, Any] = json.loads(path.read_text())
+        systems: dict[str, Any] = summary["systems"]
+        scenario = str(summary["scenario"])
+    except (OSError, ValueError, KeyError) as error:
+        raise TableError(f"{path}: not a `bench compare` summary ({error})") from None
+    missing = {SLOSERVE, BASELINE} - systems.keys()
+    if missing:
+        raise TableError(f"{path}: the run has no {', '.join(sorted(missing))}")
+    return ScenarioRow(
+        scenario=scenario,
+        capacity={name: float(s["capacity_rps"]) for name, s in systems.items()},
+        lower_bounds=frozenset(
+            name for name, s in systems.items() if s["search"].get("lowest_failing_rps") is None
+        ),
+        best_tuned=summary.get("best_tuned_vllm"),
+        requests_per_load_point=int(summary.get("requests_per_load_point", 0)),
+    )
+
+
+def geometric_mean(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _capacity(row: ScenarioRow, system: str) -> str:
+    if system not in row.capacity:
+        return "-"
+    mark = "≥" if system in row.lower_bounds else ""
+    return f"{mark}{row.capacity[system]:.3g}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown(rows: Sequence[ScenarioRow]) -> str:
+    """The table, ≥ marking a capacity whose search found no failing rate."""
+    others = sorted({name for row in rows for name in row.capacity} - {SLOSERVE, BASELINE})
+    systems = [BASELINE, *others, SLOSERVE]
+    header = ["scenario", *systems, "sloserve / default", "sloserve / best tuned"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        tuned = row.ratio(row.best_tuned)
+        best = "-" if tuned is None else f"{_ratio(tuned)} ({row.best_tuned})"
+        cells = [row.scenario, *(_capacity(row, s) for s in systems)]
+        cells += [_ratio(row.ratio(BASELINE)), best]
+        lines.append("| " + " | ".join(cells) + " |")
+    to_default = [r for row in rows if (r := row.ratio(BASELINE)) is not None]
+    to_tuned = [r for row in rows if (r := row.ratio(row.best_tuned)) is not None]
+    lines.append("")
+    lines.append(
+        f"Geometric mean over {len(rows)} scenarios: sloserve / {BASELINE} "
+        f"{_ratio(geometric_mean(to_default))}, sloserve / best tuned "
+        f"{_ratio(geometric_mean(to_tuned))}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def to_json(rows: Sequence[ScenarioRow]) -> dict[str, Any]:
+    to_default = [r for row in rows if (r := row.ratio(BASELINE)) is not None]
+    to_tuned = [r for row in rows if (r := row.ratio(row.best_tuned)) is not None]
+    return {
+        "scenarios": [
+            {
+                "scenario": row.scenario,
+                "capacity_rps": row.capacity,
+                "lower_bounds": sorted(row.lower_bounds),
+                "best_tuned_vllm": row.best_tuned,
+                "requests_per_load_point": row.requests_per_load_point,
+                "sloserve/vllm-default": row.ratio(BASELINE),
+                "sloserve/best_tuned": row.ratio(row.best_tuned),
+            }
+            for row in rows
+        ],
+        "geometric_mean": {
+            "sloserve/vllm-default": geometric_mean(to_default),
+            "sloserve/best_tuned": geometric_mean(to_tuned),
+        },
+    }
