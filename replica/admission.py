@@ -69,8 +69,8 @@ class OutputLengths:
     """Output lengths of finished requests per length group (`RequestSlo.length_group`: a
     class, or one shape of explicit budgets), for the KV-memory bound and the decode horizon.
 
-    Keeps the last `window` lengths per class and answers a high quantile, so a request is
-    expected to need as much KV as most of its class did.
+    Keeps the last `window` lengths per group and answers a high quantile, so a request is
+    expected to need as much KV, and as many decode steps, as most of its group did.
     """
 
     def __init__(self, window: int = 200, quantile: float = 0.9, min_samples: int = 20) -> None:
@@ -334,17 +334,6 @@ class AdmissionController:
                 leaves = now + self._decode_left(r) * tpot
                 decoders.append((leaves, tpot, r.planning_deadline(), r.context_tokens))
         return decoders
-
-    def _late_requests(
-        self, now: float, batch: _DecodeBatch, queue: Sequence[SloRequest]
-    ) -> dict[str, float] | None:
-        """Requests of `queue` (waiting for their first token) whose first token would miss
-        its deadline, with by how much (s), with `batch` decoding alongside (it is consumed);
-        None if the decode batch that results cannot keep the tightest TPOT."""
-        lateness = self._forecast(now, batch, queue)
-        if lateness is None:
-            return None
-        return {request_id: late for request_id, late in lateness.items() if late > 0}
 
     def _forecast(
         self,

@@ -334,6 +334,17 @@ def test_a_newcomer_may_not_make_an_admitted_request_late() -> None:
     assert admission.decide(0.0, patient, [first]).mode is Mode.ADMITTED
 
 
+def _late_requests(
+    admission: AdmissionController, now: float, batch: _DecodeBatch, queue: list[SloRequest]
+) -> dict[str, float] | None:
+    """The requests of `queue` the forecast has late, by how much (s); None when the decode
+    batch cannot keep its TPOT."""
+    lateness = admission._forecast(now, batch, queue)
+    if lateness is None:
+        return None
+    return {request_id: late for request_id, late in lateness.items() if late > 0}
+
+
 def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     admission = controller()
     # A decode 300 ms ahead of schedule lets the planner run full steps for a while: a
@@ -342,12 +353,12 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     ahead.slo = RequestSlo("ahead", "tight", Budgets(ttft_s=0.3, tpot_s=0.01), False, 0.0)
     prompt = make("p", Budgets(ttft_s=0.25, tpot_s=0.05), prompt=2000)
     ahead_batch = _DecodeBatch(admission._decoders(0.0, [ahead]))
-    assert admission._late_requests(0.0, ahead_batch, [prompt]) == {}
+    assert _late_requests(admission, 0.0, ahead_batch, [prompt]) == {}
     # ... but not alongside a decode with no slack, whose 10 ms steps leave 50 tokens each.
     pressed = decoding(make("pressed", TIGHT, arrival=-0.5), first_token_at=-0.3)
     pressed.on_tokens(29, -0.01)  # next token due at -0.3 + 30 * 10 ms = 0.0
     pressed_batch = _DecodeBatch(admission._decoders(0.0, [pressed]))
-    late = admission._late_requests(0.0, pressed_batch, [prompt])
+    late = _late_requests(admission, 0.0, pressed_batch, [prompt])
     assert late is not None and list(late) == ["p"]
     # Late because of the decode beside it, with nothing queued ahead: admitted, the
     # simulation being pessimistic (expiry demotes it if it really falls behind).
@@ -359,11 +370,11 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     assert verdict.reason is Reason.COMPUTE and verdict.check == "queue"
     # A queue that delays it a little (a one-token prompt) does not.
     small = [make("q", Budgets(ttft_s=0.2, tpot_s=0.05), prompt=1)]
-    late_alone = admission._late_requests(
-        0.0, _DecodeBatch(admission._decoders(0.0, [pressed])), [prompt]
+    late_alone = _late_requests(
+        admission, 0.0, _DecodeBatch(admission._decoders(0.0, [pressed])), [prompt]
     )
-    late_queued = admission._late_requests(
-        0.0, _DecodeBatch(admission._decoders(0.0, [pressed])), [*small, prompt]
+    late_queued = _late_requests(
+        admission, 0.0, _DecodeBatch(admission._decoders(0.0, [pressed])), [*small, prompt]
     )
     assert late_alone is not None and late_queued is not None
     assert 0 < late_queued["p"] - late_alone["p"] <= QUEUE_LATE_ALLOWANCE * 0.25

@@ -87,20 +87,25 @@ def markdown(rows: Sequence[ScenarioRow]) -> str:
         cells = [row.scenario, *(_capacity(row, s) for s in systems)]
         cells += [_ratio(row.ratio(BASELINE)), best]
         lines.append("| " + " | ".join(cells) + " |")
-    to_default = [r for row in rows if (r := row.ratio(BASELINE)) is not None]
-    to_tuned = [r for row in rows if (r := row.ratio(row.best_tuned)) is not None]
+    to_default, to_tuned = _means(rows)
     lines.append("")
     lines.append(
         f"Geometric mean over {len(rows)} scenarios: sloserve / {BASELINE} "
-        f"{_ratio(geometric_mean(to_default))}, sloserve / best tuned "
-        f"{_ratio(geometric_mean(to_tuned))}"
+        f"{_ratio(to_default)}, sloserve / best tuned {_ratio(to_tuned)}"
     )
     return "\n".join(lines) + "\n"
 
 
-def to_json(rows: Sequence[ScenarioRow]) -> dict[str, Any]:
+def _means(rows: Sequence[ScenarioRow]) -> tuple[float | None, float | None]:
+    """Geometric means of sloserve / vllm-default and of sloserve / best tuned, over the rows
+    that have the ratio."""
     to_default = [r for row in rows if (r := row.ratio(BASELINE)) is not None]
     to_tuned = [r for row in rows if (r := row.ratio(row.best_tuned)) is not None]
+    return geometric_mean(to_default), geometric_mean(to_tuned)
+
+
+def to_json(rows: Sequence[ScenarioRow]) -> dict[str, Any]:
+    to_default, to_tuned = _means(rows)
     return {
         "scenarios": [
             {
@@ -115,7 +120,7 @@ def to_json(rows: Sequence[ScenarioRow]) -> dict[str, Any]:
             for row in rows
         ],
         "geometric_mean": {
-            "sloserve/vllm-default": geometric_mean(to_default),
-            "sloserve/best_tuned": geometric_mean(to_tuned),
+            "sloserve/vllm-default": to_default,
+            "sloserve/best_tuned": to_tuned,
         },
     }
