@@ -140,7 +140,7 @@ class SloPolicy:
         limits.overhead_s += OVERHEAD_SMOOTHING * (sample - limits.overhead_s)
 
     def finish(self, request_id: str, completed: bool) -> SloRequest | None:
-        """Forgets a request; a completed one teaches its class's output length."""
+        """Forgets a request; a completed one teaches its length group's output length."""
         request = self.requests.pop(request_id, None)
         if request is not None and request.first_token_at is not None:
             self.admission.observe_first_token(request_id, request.first_token_at)
