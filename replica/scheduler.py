@@ -178,12 +178,14 @@ class SloPolicyMixin:
     ) -> None:
         reason_name = "" if reason is Reason.NONE else reason.value
         slo = tracked.slo
-        if self._reports is not None:
-            self._reports.send(VerdictRecord(slo.request_id, event, reason_name, slo.class_name))
+        # The trace first: once the front end has the report, the client may have its answer,
+        # and whoever reads the trace then (a test) must find the verdict there.
         self._slo_trace.write(
             event, engine_request_id=tracked.request_id, request_id=slo.request_id,
             reason=reason_name, check=check,
         )  # fmt: skip
+        if self._reports is not None:
+            self._reports.send(VerdictRecord(slo.request_id, event, reason_name, slo.class_name))
 
     def _queue_key(self, request: Request) -> tuple[int, float]:
         assert self.slo_policy is not None
