@@ -7,6 +7,7 @@ t0 + (k - 1) * P, with t0 = max(a + F, first-token time). A token is on time wit
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -210,6 +211,10 @@ class SloOutcome:
     ttft_met: bool
     tpot_met: bool
     late_tokens: int
+    # The first token later than its line (1: the first token), None when none was; and the
+    # closest any token came to its line (negative: the most late one was by that much).
+    first_late_token: int | None = None
+    worst_margin_s: float = math.inf
 
     @property
     def met(self) -> bool:
@@ -222,18 +227,25 @@ def judge(arrival: float, token_times: Sequence[float], budgets: Budgets) -> Slo
     Token times must be on the same clock as `arrival`. A stream with no tokens misses.
     """
     if not token_times:
-        return SloOutcome(0.0, 0.0, 0.0, ttft_met=False, tpot_met=False, late_tokens=0)
+        return SloOutcome(
+            0.0, 0.0, 0.0, ttft_met=False, tpot_met=False, late_tokens=0, worst_margin_s=-math.inf
+        )
     first = token_times[0]
     ttft = first - arrival
-    ttft_met = ttft <= TOLERANCE * budgets.ttft_s
+    worst = TOLERANCE * budgets.ttft_s - ttft
+    ttft_met = worst >= 0
+    first_late = None if ttft_met else 1
     decode_start = max(arrival + budgets.ttft_s, first)
     late = 0
     budget_so_far = 0.0  # sum of per-token TPOT budgets: the deadline line bends per stage
     max_gap = 0.0
     for k in range(1, len(token_times)):
         budget_so_far += budgets.tpot_for_token(k)
-        if token_times[k] - decode_start > TOLERANCE * budget_so_far:
+        margin = TOLERANCE * budget_so_far - (token_times[k] - decode_start)
+        if margin < 0:
             late += 1
+            first_late = first_late or k + 1
+        worst = min(worst, margin)
         max_gap = max(max_gap, token_times[k] - token_times[k - 1])
     mean_tpot = (token_times[-1] - first) / (len(token_times) - 1) if len(token_times) > 1 else 0.0
     return SloOutcome(
@@ -243,4 +255,6 @@ def judge(arrival: float, token_times: Sequence[float], budgets: Budgets) -> Slo
         ttft_met=ttft_met,
         tpot_met=late == 0,
         late_tokens=late,
+        first_late_token=first_late,
+        worst_margin_s=worst,
     )

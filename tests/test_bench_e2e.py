@@ -40,6 +40,20 @@ def _check(results: dict[str, object], out: Path) -> None:
     assert stats["drain"]["drained"] is True
     assert (out / "latency.png").stat().st_size > 0
     assert (out / "results.md").read_text().startswith("| system |")
+    # The request log has one line per request of the run (the first and last 10% that the
+    # tables trim included), each judged as the tables are.
+    lines = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert sorted(e["index"] for e in lines) == list(range(12))
+    overload = results["overload"]
+    assert isinstance(overload, dict)
+    assert sum(e["outcome"] == "rejected" for e in lines) == overload["rejected"]
+    assert sum(e["outcome"] == "best_effort" for e in lines) == overload["best_effort"]
+    served = [e for e in lines if e["outcome"] in ("good", "late")]
+    assert served
+    for entry in served:
+        assert entry["tokens_received"] == entry["output_tokens"]
+        assert (entry["outcome"] == "good") == (entry["first_late_token"] is None)
+        assert (entry["worst_margin_s"] >= 0) == (entry["outcome"] == "good")
 
 
 def test_bench_run_against_a_sloserve_replica(

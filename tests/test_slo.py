@@ -34,6 +34,19 @@ def test_late_first_token_does_not_excuse_the_rest() -> None:
     assert not outcome.tpot_met and outcome.late_tokens == 1
 
 
+def test_the_first_late_token_and_the_worst_margin_are_reported() -> None:
+    # Token 3 is due by 2.21 and comes at 2.35 (0.14 s late); token 4 by 2.315, at 2.4.
+    outcome = judge(0.0, [2.0, 2.1, 2.35, 2.4], BUDGETS)
+    assert outcome.first_late_token == 1  # the first token itself missed 1.05 s
+    assert outcome.worst_margin_s == pytest.approx(1.05 - 2.0)
+    on_ttft = judge(0.0, [0.5, 1.1, 1.35], BUDGETS)  # decode starts at 1.0: token 3 due 1.21
+    assert on_ttft.first_late_token == 3
+    assert on_ttft.worst_margin_s == pytest.approx(1.21 - 1.35)
+    on_time = judge(0.0, [0.5, 1.0], BUDGETS)
+    assert on_time.first_late_token is None
+    assert on_time.worst_margin_s == pytest.approx(0.105)  # token 2: due 1.105, at 1.0
+
+
 def test_five_percent_tolerance() -> None:
     assert judge(0.0, [1.04], BUDGETS).ttft_met
     assert not judge(0.0, [1.06], BUDGETS).ttft_met

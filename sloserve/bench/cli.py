@@ -20,6 +20,7 @@ from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.overload import overload_report, overload_table
 from sloserve.bench.presets import LengthScale
+from sloserve.bench.request_log import write_request_log
 from sloserve.bench.runner import PromptBook, run
 from sloserve.bench.systems import (
     BASELINE,
@@ -354,6 +355,7 @@ def _single_run(
         "overload": overload.to_json(),
     }
     report.plot_latency_distributions(args.out / "latency.png", {label: records})
+    write_request_log(args.out / "requests.jsonl", records)
     row = report.AttainmentRow(
         label, args.rate, stats.attainment, stats.drain.drained, stats.meets()
     )
