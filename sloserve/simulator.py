@@ -20,7 +20,7 @@ import heapq
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -187,6 +187,8 @@ class VirtualEngine:
         self.hooks = hooks
         self._records: dict[int, RequestRecord] = {}
         self._followers: dict[int, list[BenchRequest]] = {}
+        # Rounds turned away whose best-effort retry is under way: the round's record.
+        self._retried: dict[int, RequestRecord] = {}
         # (when it reaches the engine, index, request, when it arrived: its deadlines' start)
         self._arrivals: list[tuple[float, int, BenchRequest, float]] = []
         # In-engine requests, by the kind of work they need next (each is in exactly one).
@@ -280,7 +282,8 @@ class VirtualEngine:
 
     def _arrive(self, request: BenchRequest, at: float) -> None:
         record = RequestRecord(request=request, sent_at=at)
-        self._records[request.index] = record
+        if request.index not in self._retried:  # a retry keeps the round's own record
+            self._records[request.index] = record
         need = request.prompt_tokens + request.output_tokens
         if need > self.limits.kv_capacity_tokens:
             # vLLM refuses a request longer than its cache can ever hold; so does this engine.
@@ -317,6 +320,15 @@ class VirtualEngine:
         record.completed = not error and not record.rejected
         if self.hooks is not None:
             self.hooks.ended(request)
+        retried = self._retried.pop(request.index, None)
+        if retried is not None:
+            retried.retry_completed = record.completed
+        elif record.rejected and request.index in self._followers:
+            # The agent sends the round again, accepting best effort, as the bench's agents
+            # do (bench/runner.py); its session goes on once that retry has run.
+            self._retried[request.index] = record
+            self.submit(replace(request, allow_best_effort=True), self.now)
+            return
         for follower in self._followers.pop(request.index, []):
             if record.completed:
                 at = self.now + follower.delay_s

@@ -33,6 +33,7 @@ def request_entry(record: RequestRecord, start: float) -> dict[str, Any]:
         "output_tokens": request.output_tokens,
         "tokens_received": len(record.token_times),
         "demoted": record.demoted,
+        "retry_completed": record.retry_completed,
         "reject_reason": record.reject_reason,
         "error": record.error,
     }

@@ -12,6 +12,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from sloserve.bench.targets import Target
 from sloserve.bench.types import BenchRequest, RequestRecord
@@ -69,13 +70,32 @@ async def run(
         except TimeoutError:
             record.error = f"no complete response within {request_timeout_s} s"
             record.finished_at = time.time()
+        session_goes_on = record.completed
+        if record.rejected and followers.get(request.index):
+            session_goes_on = await retry_as_best_effort(request, record)
         if on_done is not None:
             on_done(record)
         for follower in followers.get(request.index, []):
-            if record.completed:
+            if session_goes_on:
                 spawn(follower, time.time() + follower.delay_s)
             else:
                 skip(follower, f"session stopped: round {request.round} failed")
+
+    async def retry_as_best_effort(request: BenchRequest, record: RequestRecord) -> bool:
+        """An agent whose round was turned away sends it again, accepting best effort, and
+        goes on with its session once served: the round still counts as rejected (a miss),
+        but its later rounds are sent, as a real agent would. (Stopping the session instead
+        made each rejection cost the session's every later round as well.) Whether the
+        retry completed."""
+        retry = RequestRecord(request=replace(request, allow_best_effort=True), sent_at=time.time())
+        try:
+            await asyncio.wait_for(
+                target.send(retry.request, prompts.prompt(request), retry), request_timeout_s
+            )
+        except TimeoutError:
+            return False
+        record.retry_completed = retry.completed
+        return retry.completed
 
     def skip(request: BenchRequest, why: str) -> None:
         now = time.time()

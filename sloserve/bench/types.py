@@ -39,3 +39,6 @@ class RequestRecord:
     demoted: bool = False  # admitted, then demoted to best effort once it could not attain
     error: str = ""  # any other failure
     sent: bool = True  # False: never sent (a later round of a session that had stopped)
+    # A rejected round of a session is sent again as best effort (bench/runner.py); whether
+    # that retry completed. The round's own outcome stays "rejected".
+    retry_completed: bool = False
