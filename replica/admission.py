@@ -332,7 +332,8 @@ class AdmissionController:
             if r.output_tokens > 0:
                 tpot = _tightest_tpot(r)
                 leaves = now + self._decode_left(r) * tpot
-                decoders.append((leaves, tpot, r.planning_deadline(), r.context_tokens))
+                deadline = r.planning_deadline(self.settings.delivery_s)
+                decoders.append((leaves, tpot, deadline, r.context_tokens))
         return decoders
 
     def _forecast(
@@ -365,7 +366,7 @@ class AdmissionController:
                 first_tokens[request.request_id] = t
             # It decodes from here on, ahead of schedule by what its early first token left.
             own_tpot = _tightest_tpot(request)
-            first_due = max(request.ttft_deadline, t) + own_tpot
+            first_due = max(request.ttft_deadline - s.delivery_s, t) + own_tpot
             leaves = t + self._decode_left(request) * own_tpot
             batch.add((leaves, own_tpot, first_due, request.prompt_tokens))
         # The largest decode batch the horizon sees must keep every stream on time.

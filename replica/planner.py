@@ -101,7 +101,7 @@ class StepPlanner:
 
     def slack_s(self, request: SloRequest, now: float) -> float:
         """Time left until the request's next token is due at the client (as planned for)."""
-        return request.planning_deadline() - now - self.settings.delivery_s
+        return request.planning_deadline(self.settings.delivery_s) - now
 
     def plan(
         self, now: float, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]

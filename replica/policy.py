@@ -174,7 +174,7 @@ class SloPolicy:
             if request.prefill_left:  # waiting, or recomputing after a preemption
                 prefill = self.model.prefill_s(request.prefill_left, self.settings.max_step_tokens)
                 earliest = now + max(idle_step, prefill)
-            if earliest + self.settings.delivery_s <= request.next_deadline(TOLERANCE):
+            if earliest <= request.next_deadline(TOLERANCE, self.settings.delivery_s):
                 continue
             if request.output_tokens == 0:
                 # Its first token misses: it would come at `earliest` at the soonest.

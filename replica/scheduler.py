@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -53,18 +53,25 @@ _NO_SLO = Budgets(ttft_s=math.inf, tpot_s=math.inf)
 
 
 class _EventTrace:
-    """Appends JSON lines to a file; a no-op without a path."""
+    """Appends JSON lines to a file; a no-op without a path.
+
+    The file stays open, line-buffered: each line reaches the file as it is written (tests
+    read it while the engine runs), without an open and a close per line in the engine loop.
+    """
 
     def __init__(self, path: str | None) -> None:
         self._path = path
         self._lock = threading.Lock()
+        self._file: TextIO | None = None
 
     def write(self, event: str, **fields: Any) -> None:
         if not self._path:
             return
         line = json.dumps({"event": event, "pid": os.getpid(), "time": time.time(), **fields})
-        with self._lock, open(self._path, "a") as f:
-            f.write(line + "\n")
+        with self._lock:
+            if self._file is None:
+                self._file = open(self._path, "a", buffering=1)  # noqa: SIM115 (process-long)
+            self._file.write(line + "\n")
 
 
 class SloPolicyMixin:

@@ -90,18 +90,24 @@ class SloRequest:
         """TPOT budget of the next token (the current stage's)."""
         return self.slo.budgets.tpot_for_token(max(1, self.output_tokens))
 
-    def next_deadline(self, tolerance: float = 1.0) -> float:
+    def next_deadline(self, tolerance: float = 1.0, delivery_s: float = 0.0) -> float:
         """When the next token is due: the first token's TTFT deadline, else the decode clock
         (it starts at the later of the TTFT deadline and the first token, §1). `tolerance`
-        scales the budgets as the attainment judge does (1.05)."""
+        scales the budgets as the attainment judge does (1.05).
+
+        With `delivery_s` (from a step's end to its tokens reaching the client): when the step
+        that produces the token must end. The client sees every token that much after its
+        step, the first one too, so where the decode clock starts at the first token it moves
+        with it, and only deadlines counted from the arrival come earlier.
+        """
         budgets = self.slo.budgets
         if self.output_tokens == 0 or self.first_token_at is None:
-            return self.arrival + tolerance * budgets.ttft_s
-        start = max(self.ttft_deadline, self.first_token_at)
+            return self.arrival + tolerance * budgets.ttft_s - delivery_s
+        start = max(self.ttft_deadline - delivery_s, self.first_token_at)
         return start + tolerance * (self._decode_budget_s + self.next_tpot_s)
 
-    def planning_deadline(self) -> float:
-        """The deadline the planner works to for the next token.
+    def planning_deadline(self, delivery_s: float = 0.0) -> float:
+        """When the step producing the next token should end, as the planner works to it.
 
         The first token: its TTFT deadline. A decode token: the judge's line (1.05 x the
         budgets, §2) less a reserve of RESERVE_TPOTS of its TPOT, so a step that overruns its
@@ -109,8 +115,8 @@ class SloRequest:
         further on, the 5% of a growing budget is slack the planner may use.
         """
         if self.output_tokens == 0 or self.first_token_at is None:
-            return self.ttft_deadline
-        return self.next_deadline(TOLERANCE) - RESERVE_TPOTS * self.next_tpot_s
+            return self.ttft_deadline - delivery_s
+        return self.next_deadline(TOLERANCE, delivery_s) - RESERVE_TPOTS * self.next_tpot_s
 
     def on_tokens(self, count: int, now: float) -> None:
         """`count` new output tokens came out of a step that ended at `now`."""

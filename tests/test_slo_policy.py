@@ -75,6 +75,21 @@ def test_next_deadline_follows_the_judge() -> None:
     assert not judge(10.0, late, budgets).met
 
 
+def test_delivery_moves_deadlines_counted_from_arrival_not_from_the_first_token() -> None:
+    """The client sees each token `delivery` after its step, the first one too: a deadline
+    counted from the arrival comes that much earlier on the engine's clock, one counted from
+    the first token does not (its anchor moves with it)."""
+    budgets = Budgets(ttft_s=1.0, tpot_s=0.1)
+    early = decoding(make("early", budgets, arrival=0.0), first_token_at=0.5)
+    assert early.next_deadline(1.05, delivery_s=0.01) == pytest.approx(1.0 - 0.01 + 0.105)
+    late = decoding(make("late", budgets, arrival=0.0), first_token_at=1.02)
+    assert late.next_deadline(1.05, delivery_s=0.01) == pytest.approx(1.02 + 0.105)
+    waiting = make("waiting", budgets, arrival=0.0)
+    assert waiting.planning_deadline(delivery_s=0.01) == pytest.approx(0.99)
+    # Planned for, a TPOT of reserve before the judge's line, from the same anchor.
+    assert late.planning_deadline(delivery_s=0.01) == pytest.approx(1.02 + 0.105 - 0.1)
+
+
 def test_time_already_waited_moves_every_deadline_earlier() -> None:
     """A request that waited 0.3 s upstream (a gateway, a replica that turned it away)
     arrives here at 10.0 with its SLO clock started at 9.7: its first token is due at
