@@ -323,7 +323,7 @@ class VirtualEngine:
         retried = self._retried.pop(request.index, None)
         if retried is not None:
             retried.retry_completed = record.completed
-        elif record.rejected and request.index in self._followers:
+        elif record.rejected and request.session is not None:
             # The agent sends the round again, accepting best effort, as the bench's agents
             # do (bench/runner.py); its session goes on once that retry has run.
             self._retried[request.index] = record

@@ -64,7 +64,7 @@ def test_a_rejected_round_is_retried_as_best_effort_and_its_session_goes_on() ->
     # ...and the session's later round was sent after it, under its SLO.
     assert by_index[2].sent and by_index[2].completed and not by_index[2].best_effort
     assert by_index[2].sent_at >= by_index[1].finished_at  # type: ignore[operator]
-    # A last round, with nothing after it, is not retried: nothing waits on it.
-    assert by_index[4].rejected and not by_index[4].retry_completed
-    assert (4, True) not in target.sent
+    # A last round is retried too (its load is real), and stays a rejection.
+    assert by_index[4].rejected and by_index[4].retry_completed
+    assert (4, True) in target.sent
     assert all(by_index[i].completed for i in (0, 3))

@@ -71,7 +71,7 @@ async def run(
             record.error = f"no complete response within {request_timeout_s} s"
             record.finished_at = time.time()
         session_goes_on = record.completed
-        if record.rejected and followers.get(request.index):
+        if record.rejected and request.session is not None:
             session_goes_on = await retry_as_best_effort(request, record)
         if on_done is not None:
             on_done(record)
@@ -83,10 +83,10 @@ async def run(
 
     async def retry_as_best_effort(request: BenchRequest, record: RequestRecord) -> bool:
         """An agent whose round was turned away sends it again, accepting best effort, and
-        goes on with its session once served: the round still counts as rejected (a miss),
-        but its later rounds are sent, as a real agent would. (Stopping the session instead
-        made each rejection cost the session's every later round as well.) Whether the
-        retry completed."""
+        goes on with its session once served, as a real agent would: the round still counts
+        as rejected (a miss), but its later rounds are sent. (Stopping the session instead
+        made each rejection cost the session's every later round as well.) Its last round is
+        retried too: the retry's load is the engine's to carry. Whether the retry completed."""
         retry = RequestRecord(request=replace(request, allow_best_effort=True), sent_at=time.time())
         try:
             await asyncio.wait_for(
