@@ -361,7 +361,7 @@ class AdmissionController:
             if segment is None:
                 return None
             t += segment[0]
-            late[request.request_id] = t + s.delivery_s - request.next_deadline(TOLERANCE)
+            late[request.request_id] = t - request.next_deadline(TOLERANCE, s.delivery_s)
             if first_tokens is not None:
                 first_tokens[request.request_id] = t
             # It decodes from here on, ahead of schedule by what its early first token left.

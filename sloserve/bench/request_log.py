@@ -8,7 +8,6 @@ be lined up with the engine's scheduler trace (SLOSERVE_SCHEDULER_TRACE) by time
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,7 @@ def request_entry(record: RequestRecord, start: float) -> dict[str, Any]:
             "max_inter_token_s": round(verdict.max_inter_token_s, 6),
             "late_tokens": verdict.late_tokens,
             "first_late_token": verdict.first_late_token,
-            "worst_margin_s": (
-                round(verdict.worst_margin_s, 6) if math.isfinite(verdict.worst_margin_s) else None
-            ),
+            "worst_margin_s": round(verdict.worst_margin_s, 6),  # finite: a token came
         }
     return entry
 
