@@ -318,8 +318,8 @@ class AdmissionController:
 
     def _hopeless(self, now: float, candidate: SloRequest) -> bool:
         alone = self.model.prefill_s(candidate.prefill_left, self.settings.max_step_tokens)
-        first_token = now + alone + self.limits.overhead_s + self.settings.delivery_s
-        return first_token > candidate.next_deadline(TOLERANCE)
+        step_ends = now + alone + self.limits.overhead_s
+        return step_ends > candidate.next_deadline(TOLERANCE, self.settings.delivery_s)
 
     def _decoders(self, now: float, requests: Iterable[SloRequest]) -> list[_Decoder]:
         """The requests that have produced tokens, as decoders of the forward simulation.
