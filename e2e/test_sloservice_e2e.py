@@ -129,7 +129,12 @@ def test_1_the_readme_kubernetes_quickstart_runs_as_written(stack: Stack) -> Non
     header, *rows = done.stdout.split("NAME ", 1)[1].splitlines()
     assert header.split()[:2] == ["MODEL", "CLASSES"], done.stdout
     (row,) = [r.split() for r in rows if r.startswith(f"{NAME} ")]
-    assert row[1:3] == ["tiny", "chat,coding"] and row[-2] == "Ready", done.stdout
+    assert row[1:3] == ["tiny", "chat,coding"], done.stdout
+    # Condition Ready means serving: the gateway and at least one replica ready. The phase
+    # says Ready once every replica is; right after the wait the second replica may still be
+    # starting (a clean-clone CI run saw READY 1 of 2, phase Progressing), and later steps
+    # wait for both.
+    assert int(row[4]) >= 1 and row[-2] in ("Ready", "Progressing"), done.stdout
 
 
 def test_2_the_operator_replicas_and_gateway_run_as_pod_processes(stack: Stack) -> None:
