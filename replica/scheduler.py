@@ -240,14 +240,15 @@ class SloPolicyMixin:
                 decode_slope=policy.limits.decode_line.slope,
             )  # fmt: skip
         self._last_step = None
-        if policy is not None and output.total_num_scheduled_tokens > 0:
+        measured = policy is not None or self._reports is not None
+        if measured and output.total_num_scheduled_tokens > 0:
             shape, prefill = self._shape_of(output)
-            self._last_step = (policy.model.predict(shape), started, prefill == 0)
-        if self._reports is not None and output.total_num_scheduled_tokens > 0:
-            shape, prefill = self._shape_of(output)
-            self._steps_in_flight[id(output)] = (
-                shape, prefill, time.perf_counter(), self._last_plan_s,
-            )  # fmt: skip
+            if policy is not None:
+                self._last_step = (policy.model.predict(shape), started, prefill == 0)
+            if self._reports is not None:
+                self._steps_in_flight[id(output)] = (
+                    shape, prefill, time.perf_counter(), self._last_plan_s,
+                )  # fmt: skip
         return output
 
     def _plan(self, policy: SloPolicy) -> StepPlan:

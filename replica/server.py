@@ -2,7 +2,8 @@
 
 Life cycle:
 1. The gRPC server starts at once; health says NOT_SERVING and Generate answers UNAVAILABLE.
-2. vLLM's engine starts in a worker thread (tens of seconds); then health says SERVING.
+2. vLLM's engine starts in a worker thread (tens of seconds) and serves one warm-up request;
+   then health says SERVING.
 3. SIGTERM (or SIGINT): admit nothing new, let every request in flight finish, then exit 0.
    The Drain RPC does step 3's first part only; the process stays up until it is stopped.
 """
@@ -26,7 +27,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sloserve.replica.control_service import ControlService
-from sloserve.replica.engine import EngineSettings, LoadListener, build_engine
+from sloserve.replica.engine import EngineSettings, LoadListener, build_engine, warm_up
 from sloserve.replica.inference_service import InferenceService
 from sloserve.replica.metrics import ReplicaMetrics
 from sloserve.replica.reports import ReportReceiver
@@ -82,6 +83,7 @@ async def _start_engine(
         default_max_tokens=settings.default_max_tokens,
         max_seeded_prompt_tokens=_seeded_prompt_limit(engine.vllm_config),
     )
+    await warm_up(engine)
     # Everything allocated so far (torch, transformers, the engine client) lives for the
     # process's lifetime. Frozen, it is out of the collector's reach: a full collection over
     # it pauses every stream for hundreds of milliseconds (vLLM's own server does the same).

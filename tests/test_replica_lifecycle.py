@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Replica
+from conftest import Replica, metric_sum
 
 from sloserve.client import AsyncClient, GenerationResult, build_request
 from sloserve.errors import RejectedError, UnavailableError
@@ -47,6 +47,21 @@ def test_calls_before_engine_ready_get_unavailable(starting_replica: Replica) ->
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert starting_replica.health() == "NOT_SERVING"
     starting_replica.wait_until("SERVING")
+
+
+def test_the_engine_serves_a_warm_up_request_before_the_replica_says_serving(
+    starting_replica: Replica,
+) -> None:
+    """A fresh engine's first request is slow to reach the scheduler (first-use set-up): one
+    warm-up request (a prefill step and a decode step) pays for it before any client's does,
+    and counts as no client request."""
+    starting_replica.wait_until("SERVING")
+    url = starting_replica.metrics_url
+    deadline = time.monotonic() + 10  # step reports reach the metrics a moment later
+    while metric_sum(url, "sloserve_step_seconds_count") < 2:
+        assert time.monotonic() < deadline, "no warm-up steps"
+        time.sleep(0.1)
+    assert metric_sum(url, "sloserve_requests_total") == 0
 
 
 def test_flood_past_the_queue_bound_is_rejected_with_reason(starting_replica: Replica) -> None:
