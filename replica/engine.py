@@ -129,7 +129,7 @@ def build_engine(settings: EngineSettings, listener: LoadListener) -> AsyncLLM:
 
 # Token ids low enough for any vocabulary; what they say does not matter.
 _WARM_UP_PROMPT = list(range(10, 26))
-WARM_UP_REQUEST_ID = "sloserve-warm-up"
+_WARM_UP_REQUEST_ID = "sloserve-warm-up"
 
 
 async def warm_up(engine: AsyncLLM) -> None:
@@ -142,6 +142,6 @@ async def warm_up(engine: AsyncLLM) -> None:
     """
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     async for _ in engine.generate(
-        {"prompt_token_ids": _WARM_UP_PROMPT}, params, WARM_UP_REQUEST_ID
+        {"prompt_token_ids": _WARM_UP_PROMPT}, params, _WARM_UP_REQUEST_ID
     ):
         pass
