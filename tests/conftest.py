@@ -6,15 +6,18 @@ A replica costs about 20 s to start, so the main one is started once per test se
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -260,6 +263,21 @@ def start_replica(workdir: Path, args: list[str]) -> Replica:
         server.stop()
         raise
     return server
+
+
+def wait_for_rotation(gateway: Gateway, endpoint: str, in_rotation: bool = True) -> None:
+    """Until the gateway's /slo/summary shows `endpoint` in rotation (or out of it). A
+    gateway says SERVING with one replica in rotation; the others join at their first load
+    report, a moment later."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"{gateway.base_url}/slo/summary", timeout=5) as response:
+            summary: dict[str, Any] = json.load(response)
+        states = {r["endpoint"]: r["in_rotation"] for r in summary["replicas"]}
+        if states[endpoint] == in_rotation:
+            return
+        assert time.monotonic() < deadline, f"{endpoint} in rotation is not {in_rotation}"
+        time.sleep(0.1)
 
 
 def metric_sum(url: str, name: str, **labels: str) -> float:

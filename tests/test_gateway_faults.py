@@ -4,21 +4,18 @@ hang: every call has a timeout, and every request ends complete or with an expli
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from conftest import Gateway, Replica, free_port, metric_sum, start_replica
+from conftest import Gateway, Replica, free_port, metric_sum, start_replica, wait_for_rotation
 
 from sloserve.client import Client, GenerationResult, build_request
 from sloserve.errors import SloserveError, UnavailableError
@@ -33,22 +30,6 @@ pytestmark = pytest.mark.engine
 
 PROMPT = list(range(10, 60))
 TIMEOUT_S = 120
-
-
-def summary(gateway: Gateway) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{gateway.base_url}/slo/summary", timeout=5) as response:
-        data: dict[str, Any] = json.load(response)
-    return data
-
-
-def wait_for_rotation(gateway: Gateway, endpoint: str, in_rotation: bool) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        states = {r["endpoint"]: r["in_rotation"] for r in summary(gateway)["replicas"]}
-        if states[endpoint] == in_rotation:
-            return
-        assert time.monotonic() < deadline, f"{endpoint} in rotation is not {in_rotation}"
-        time.sleep(0.1)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Gateway, Replica, free_port, metric_sum
+from conftest import Gateway, Replica, free_port, metric_sum, wait_for_rotation
 
 from sloserve.client import build_request
 from sloserve.protoconv import duration, seconds
@@ -115,6 +115,8 @@ def start_gateway(tmp_path: Path, replicas: list[str]) -> Gateway:
     gateway = Gateway(workdir=tmp_path, replicas=replicas, args=["--routing", "round-robin"])
     gateway.start()
     gateway.wait_serving()
+    for endpoint in replicas:  # else the first request's turn may find one replica only
+        wait_for_rotation(gateway, endpoint)
     return gateway
 
 
