@@ -149,9 +149,32 @@ def _fluid(model: StepTimeModel, workload: Workload) -> float:
     return fluid_bound(model, prompt, output, tightest, max_batch, prompt + output / 2)
 
 
-def _start_rate(args: argparse.Namespace, mode: Mode, fluid: float) -> float:
-    if args.start_rate:
-        return float(args.start_rate)
+def parse_start_rates(text: str) -> dict[str | None, float]:
+    """`--start-rate`: one rate for every system ("2.5"), or a rate per system
+    ("vllm-default=1.7,sloserve=5.6"; key None is the rate for all). Searches at many requests
+    a load point spend most of their time on the trials that find the bracket, so a system's
+    own start near its capacity (from an earlier run) saves the most time."""
+    rates: dict[str | None, float] = {}
+    for part in text.split(","):
+        name, _, value = part.strip().rpartition("=")
+        if name and name not in SYSTEMS:
+            raise argparse.ArgumentTypeError(f"unknown system {name!r}; known: {sorted(SYSTEMS)}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a rate in req/s") from None
+        if not rate > 0:
+            raise argparse.ArgumentTypeError(f"a start rate must be positive, got {value}")
+        rates[name or None] = rate
+    return rates
+
+
+def _start_rate(args: argparse.Namespace, mode: Mode, fluid: float, system: str | None) -> float:
+    given: dict[str | None, float] = args.start_rate or {}
+    if system in given:
+        return given[system]
+    if None in given:
+        return given[None]
     # Two significant figures: the rates tried stay readable and are the same on every system.
     return float(f"{max(fluid * mode.start_fraction, 0.01):.2g}")
 
@@ -211,6 +234,8 @@ ROUTED_PROMPT_SALT = 7_919
 
 def _mode(args: argparse.Namespace) -> Mode:
     mode = QUICK if args.quick else FULL
+    if args.growth:
+        mode = replace(mode, growth=args.growth)
     if args.load_point_requests:
         # Quick mode's 40 requests give a class 6-8 per load point: one miss fails it. More
         # requests per point keep quick mode's search settings but judge on more requests.
@@ -306,7 +331,7 @@ def run_command(args: argparse.Namespace) -> int:
             table = _single_run(args, mode, model, target_spec, use_priority, label, payload)
         else:
             fluid = _fluid(model, reference) * _replicas_of(args)
-            start = _start_rate(args, mode, fluid)
+            start = _start_rate(args, mode, fluid, args.system)
             result, by_rate = _search(args, mode, model, target_spec, use_priority, start)
             payload |= {"capacity": result.to_json(), "fluid_bound": fluid}
             rows = report.rows_from_capacity(label, result)
@@ -402,11 +427,12 @@ def compare_command(args: argparse.Namespace) -> int:
     fluid = _fluid(model, reference)
     results: dict[str, CapacityResult] = {}
     last_records: dict[str, list[RequestRecord]] = {}
+    markdown = ""
     with SharedReplicas(shape, replicas, args.out) as shared:
         for name in systems:
             spec = SYSTEMS[name]
             system_fluid = fluid * (replicas if spec.routed else 1)
-            start = _start_rate(args, mode, system_fluid)
+            start = _start_rate(args, mode, system_fluid, name)
             salt = ROUTED_PROMPT_SALT * (routed.index(name) + 1) if spec.routed else 0
             _progress(f"== {name}: {spec.description}")
             with _system(spec, shape, args.out, shared) as target_spec:
@@ -417,10 +443,35 @@ def compare_command(args: argparse.Namespace) -> int:
             if by_rate:
                 last_records[name] = by_rate[max(by_rate)]
             _progress(f"== {name}: capacity {result.capacity:.3f} req/s ({result.status})")
+            # Written after every system, not only at the end: a comparison at 1,000 requests
+            # a load point runs for hours, and one cut short still leaves the systems it
+            # finished on record (summary.json names the ones still pending).
+            markdown = _write_compare(
+                args, mode, model, reference, results, fluid, replicas, last_records, systems
+            )
+    print(markdown)
+    return 0
 
+
+def _write_compare(
+    args: argparse.Namespace,
+    mode: Mode,
+    model: StepTimeModel,
+    reference: Workload,
+    results: dict[str, CapacityResult],
+    fluid: float,
+    replicas: int,
+    last_records: dict[str, list[RequestRecord]],
+    planned: list[str],
+) -> str:
+    """Writes summary.json, summary.md and the plots for the systems in `results` so far;
+    returns the markdown."""
+    systems = [name for name in planned if name in results]
     summary = _summary(args, mode, model, reference, systems, results, fluid, replicas)
-    fluid *= replicas  # only routed systems run with several replicas (_compare_systems)
+    summary["systems_pending"] = [name for name in planned if name not in results]
     report.write_results(args.out / "summary.json", summary)
+    routed = any(SYSTEMS[name].routed for name in systems)
+    total_fluid = fluid * replicas  # only routed systems run with several replicas
     rows = [row for name in systems for row in report.rows_from_capacity(name, results[name])]
     capacity_rows = [report.CapacityRow.from_result(name, results[name]) for name in systems]
     baselines = [b for b in (BASELINE, *ROUTING_VARIANTS[1:]) if b in systems]
@@ -429,10 +480,13 @@ def compare_command(args: argparse.Namespace) -> int:
         if routed
         else ""
     )
+    pending = summary["systems_pending"]
+    pending_note = f"Still to run: {', '.join(pending)}\n\n" if pending else ""
     markdown = (
         f"### {args.scenario} ({mode.name} mode)\n\n"
         + routed_note
-        + report.capacity_table(capacity_rows, fluid_bound=fluid, baselines=baselines)
+        + pending_note
+        + report.capacity_table(capacity_rows, fluid_bound=total_fluid, baselines=baselines)
         + "\n\n"
         + report.markdown_table(rows)
         + "\n"
@@ -449,8 +503,7 @@ def compare_command(args: argparse.Namespace) -> int:
     )
     if last_records:
         report.plot_latency_distributions(args.out / "latency.png", last_records)
-    print(markdown)
-    return 0
+    return markdown
 
 
 def _summary(
@@ -538,6 +591,13 @@ def _headline(capacity: dict[str, float], best_tuned: str | None) -> dict[str, f
     }
 
 
+def _growth(text: str) -> float:
+    growth = float(text)
+    if not growth > 1:
+        raise argparse.ArgumentTypeError(f"growth must be above 1, got {text}")
+    return growth
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="measure SLO attainment and capacity")
     verbs = bench.add_subparsers(dest="verb", required=True)
@@ -565,8 +625,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         )
         p.add_argument(
             "--start-rate",
-            type=float,
-            help="first rate of the capacity search (default: a quarter of the fluid bound)",
+            type=parse_start_rates,
+            metavar="RATE|SYSTEM=RATE,...",
+            help="first rate of the capacity search, for all systems or per system "
+            "(default: a quarter of the fluid bound)",
+        )
+        p.add_argument(
+            "--growth",
+            type=_growth,
+            help="factor the search steps up by from a passing start (default: 1.5)",
         )
 
     run_p = verbs.add_parser("run", help="run one target at a rate, or search its capacity")
