@@ -96,3 +96,27 @@ def test_a_compare_cut_short_leaves_the_finished_systems_in_its_summary(tmp_path
     )
     assert "Still to run: vllm-priority" in markdown
     assert (tmp_path / "summary.md").read_text() == markdown
+
+
+def test_a_baseline_failing_down_to_the_min_rate_gives_a_floor_on_the_ratio(
+    tmp_path: Path,
+) -> None:
+    args = _parse("--quick", "--min-rate", "1.0")
+    args.out = tmp_path
+    mode = bench_cli._mode(args)
+    model = shipped_profile("cpu-bench")
+    reference = bench_cli._workload(args, model, 1.0, mode.requests)
+    never = fake_stats({"coding": 0.85})
+    vllm = find_capacity(lambda rate: never, low=2.0, min_rate=args.min_rate)
+    assert [t.rate for t in vllm.trials] == [2.0, 1.0]  # stops at the floor, not at 2/64
+    assert vllm.status == "below_min_rate" and vllm.lowest_failing == 1.0
+    ours = find_capacity(lambda rate: fake_stats({"coding": 0.95 if rate <= 5.6 else 0.8}), 5.6)
+    results = {"vllm-default": vllm, "vllm-priority": vllm, "sloserve": ours}
+    planned = list(results)
+    markdown = bench_cli._write_compare(args, mode, model, reference, results, 10.0, 1, {}, planned)
+    headline = json.loads((tmp_path / "summary.json").read_text())["headline"]
+    assert headline["sloserve_vs_vllm_default"] is None  # no capacity to divide by
+    assert headline["sloserve_vs_vllm_default_at_least"] == pytest.approx(ours.capacity / 1.0)
+    assert headline["sloserve_vs_best_tuned_vllm_at_least"] == pytest.approx(ours.capacity)
+    assert "| vllm-default | < 1 |" in markdown
+    assert f"> {ours.capacity:.2f}x" in markdown

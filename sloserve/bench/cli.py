@@ -208,6 +208,7 @@ def _search(
         max_trials=mode.max_trials,
         progress=_progress,
         growth=mode.growth,
+        min_rate=args.min_rate,
     )
     return result, records_by_rate
 
@@ -548,7 +549,7 @@ def _summary(
         },
         "capacity_ratios": ratios,
         "best_tuned_vllm": best_tuned,
-        "headline": _headline(capacity, best_tuned),
+        "headline": _headline(capacity, best_tuned) | _headline_floors(results, tuned),
         "routing": _routing_headline(capacity, replicas),
     }
 
@@ -572,6 +573,35 @@ def _routing_headline(capacity: dict[str, float], replicas: int) -> dict[str, An
         "capacity_per_replica_rps": {name: c / replicas for name, c in variants.items()},
         "sloserve/round-robin": ratio("gateway-round-robin"),
         "sloserve/least-outstanding": ratio("gateway-least-outstanding"),
+    }
+
+
+def _headline_floors(
+    results: dict[str, CapacityResult], tuned: list[str]
+) -> dict[str, float | None]:
+    """Where stock vLLM failed every rate down to the search's floor, its capacity is below the
+    lowest rate it tried, so sloserve's ratio to it is at least capacity / that rate. Against
+    the tuned variants the floor is the smallest of theirs (the best variant's), and only
+    when none of them passed a rate."""
+    if "sloserve" not in results:
+        return {}
+    ours = results["sloserve"].capacity
+
+    def floor(name: str) -> float | None:
+        theirs = results.get(name)
+        if theirs is None or theirs.status != "below_min_rate" or not theirs.lowest_failing:
+            return None
+        return ours / theirs.lowest_failing
+
+    tuned_floors = [floor(name) for name in tuned]
+    best_tuned_floor = (
+        min(f for f in tuned_floors if f is not None)
+        if tuned_floors and all(f is not None for f in tuned_floors)
+        else None
+    )
+    return {
+        "sloserve_vs_vllm_default_at_least": floor(BASELINE),
+        "sloserve_vs_best_tuned_vllm_at_least": best_tuned_floor,
     }
 
 
@@ -629,6 +659,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             metavar="RATE|SYSTEM=RATE,...",
             help="first rate of the capacity search, for all systems or per system "
             "(default: a quarter of the fluid bound)",
+        )
+        p.add_argument(
+            "--min-rate",
+            type=float,
+            help="a search that fails down to this rate stops there and reports capacity below "
+            "the lowest rate it tried (default: its start rate / 64)",
         )
         p.add_argument(
             "--growth",

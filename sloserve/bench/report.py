@@ -117,16 +117,30 @@ class CapacityRow:
     capacity: float  # req/s at 90% attainment
     capacity_99: float | None = None
     lower_bound: bool = False  # no rate failed: the true capacity may be higher
+    # Every rate tried failed, down to the search's floor: the capacity is below this rate
+    # (reported as 0), and a ratio against it is at least ours / this rate.
+    below: float | None = None
 
     @classmethod
     def from_result(cls, system: str, result: CapacityResult) -> CapacityRow:
-        return cls(system, result.capacity, result.capacity_99, result.status == "no_failure")
+        below = result.lowest_failing if result.status == "below_min_rate" else None
+        return cls(
+            system, result.capacity, result.capacity_99, result.status == "no_failure", below
+        )
 
 
-def _ratio(numerator: float, denominator: float | None) -> str:
-    if denominator is None or denominator <= 0:
-        return MISSING
-    return f"{numerator / denominator:.2f}x"
+def _ratio(numerator: float, denominator: CapacityRow) -> str:
+    if denominator.capacity > 0:
+        return f"{numerator / denominator.capacity:.2f}x"
+    if denominator.below is not None and numerator > 0:
+        return f"> {numerator / denominator.below:.2f}x"
+    return MISSING
+
+
+def _capacity(row: CapacityRow) -> str:
+    if row.capacity <= 0 and row.below is not None:
+        return f"< {row.below:.3g}"
+    return (">= " if row.lower_bound else "") + f"{row.capacity:.3g}"
 
 
 def capacity_table(
@@ -136,10 +150,11 @@ def capacity_table(
 ) -> str:
     """Capacity per system, as a fraction of the fluid bound (§6) and as ratios to baselines.
 
-    A capacity that is only a lower bound is marked ">=". Ratio columns: one per named
-    baseline, capacity(system) / capacity(baseline), measured in the same run (§7).
+    A capacity that is only a lower bound is marked ">=", one below every rate tried "<".
+    Ratio columns: one per named baseline, capacity(system) / capacity(baseline), measured in
+    the same run (§7); "> r" where the baseline failed every rate it tried.
     """
-    by_name = {row.system: row.capacity for row in rows}
+    by_name = {row.system: row for row in rows}
     unknown = [name for name in baselines if name not in by_name]
     if unknown:
         raise ValueError(f"baselines {unknown} are not among the systems {list(by_name)}")
@@ -148,7 +163,7 @@ def capacity_table(
     body = [
         [
             row.system,
-            (">= " if row.lower_bound else "") + f"{row.capacity:.3g}",
+            _capacity(row),
             MISSING if row.capacity_99 is None else f"{row.capacity_99:.3g}",
             _percent(row.capacity / fluid_bound) if fluid_bound else MISSING,
             *(_ratio(row.capacity, by_name[name]) for name in baselines),
