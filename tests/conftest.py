@@ -229,7 +229,9 @@ class Gateway:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_serving(self, timeout_s: float = 60) -> None:
-        """Until health says SERVING: every replica given is in rotation by then or soon."""
+        """Until health says SERVING and every replica given is in rotation. A gateway says
+        SERVING with one replica in rotation; the others join at their first load report,
+        and a test that routes before then (round robin above all) finds one replica only."""
         deadline = time.monotonic() + timeout_s
         while not self.serving():
             assert self.process is not None
@@ -238,6 +240,8 @@ class Gateway:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gateway not SERVING after {timeout_s} s")
             time.sleep(0.2)
+        for endpoint in self.replicas:
+            wait_for_rotation(self, endpoint)
 
     def serving(self) -> bool:
         return serving(self.endpoint)

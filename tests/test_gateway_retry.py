@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Gateway, Replica, free_port, metric_sum, wait_for_rotation
+from conftest import Gateway, Replica, free_port, metric_sum
 
 from sloserve.client import build_request
 from sloserve.protoconv import duration, seconds
@@ -114,9 +114,7 @@ def start_gateway(tmp_path: Path, replicas: list[str]) -> Gateway:
     # Round robin: each of two requests in a row goes first to a different replica.
     gateway = Gateway(workdir=tmp_path, replicas=replicas, args=["--routing", "round-robin"])
     gateway.start()
-    gateway.wait_serving()
-    for endpoint in replicas:  # else the first request's turn may find one replica only
-        wait_for_rotation(gateway, endpoint)
+    gateway.wait_serving()  # every replica in rotation: else a turn may find one only
     return gateway
 
 
