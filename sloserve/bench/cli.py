@@ -325,10 +325,10 @@ def run_command(args: argparse.Namespace) -> int:
             _progress(f"== {spec.name}: {spec.description}")
             target_spec = stack.enter_context(_system(spec, shape, args.out, replicas))
             payload |= {"system": spec.name, "replicas": args.replicas if spec.routed else 1}
-            if args.rate is not None:  # a search warms up on its own
-                _warm_up(args, model, target_spec, use_priority, args.rate)
         label = args.system or target_spec
         if args.rate is not None:
+            # A search warms up on its own. A --target may be as fresh as a --system.
+            _warm_up(args, model, target_spec, use_priority, args.rate)
             table = _single_run(args, mode, model, target_spec, use_priority, label, payload)
         else:
             fluid = _fluid(model, reference) * _replicas_of(args)
