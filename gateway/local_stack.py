@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sloserve.client import serving
+from sloserve.cpu_cores import replica_core_args
 
 STOP_TIMEOUT_S = 60
 
@@ -100,11 +101,12 @@ class ReplicaSet(Protocol):
 class LocalReplicas:
     def __init__(self, settings: StackSettings, log_dir: Path) -> None:
         self.children = []
-        for i in range(settings.replicas):
+        # On a CPU machine, vLLM would put every replica's worker on the same cores.
+        for i, binding in enumerate(replica_core_args(settings.replicas)):
             port = settings.first_replica_port + i
             command = _sloserve(
                 "replica", "--host", settings.host, "--port", str(port), "--metrics-port", "-1",
-                *_replica_args(settings),
+                *_replica_args(settings), *binding,
             )  # fmt: skip
             endpoint = f"{settings.host}:{port}"
             self.children.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from sloserve.cpu_cores import BIND_VARIABLE
 from sloserve.replica.scheduler import CONFIG_KEY, scheduler_class_for
 
 
@@ -30,6 +32,9 @@ class EngineSettings:
     # vLLM's own scheduling policy, as does policy "vllm" (the ablation).
     profile: dict[str, Any] | None = None
     policy: str = "slo"
+    # CPU engines: the cores the worker computes on, as vLLM reads them ("0", "2,3"); None
+    # leaves it to vLLM, which picks the same cores for every engine on the machine.
+    cpu_cores: str | None = None
     fault_step_delay_s: float = 0.0  # tests only: slows every step down (scheduler.py)
 
 
@@ -116,6 +121,9 @@ def build_engine(settings: EngineSettings, listener: LoadListener) -> AsyncLLM:
     Safe to call from a worker thread: the output loop starts on the first request, in the
     caller's event loop.
     """
+    if settings.cpu_cores is not None:
+        # Read by the worker process vLLM spawns, which inherits this environment.
+        os.environ[BIND_VARIABLE] = settings.cpu_cores
     config = engine_args(settings).create_engine_config()
     # Only known once vLLM has resolved the config (it turns async scheduling off where the
     # executor cannot do it, as on CPU).

@@ -35,6 +35,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="auto", help="weight dtype (default: auto)")
     p.add_argument("--load-format", default="auto", help="'dummy' for random weights of real shape")
+    p.add_argument(
+        "--cpu-cores",
+        type=_cpu_cores,
+        metavar="LIST",
+        help="CPU engines: the cores the worker computes on, e.g. 0 or 2-3 (default: vLLM's "
+        "choice, the same for every engine; give each engine on one machine its own)",
+    )
+
+
+def _cpu_cores(text: str) -> str:
+    from sloserve.cpu_cores import format_cores, parse_cores
+
+    try:
+        return format_cores(parse_cores(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _engine_settings(args: argparse.Namespace) -> EngineSettings:
@@ -55,6 +71,7 @@ def _engine_settings(args: argparse.Namespace) -> EngineSettings:
         enforce_eager=args.enforce_eager,
         dtype=args.dtype,
         load_format=args.load_format,
+        cpu_cores=args.cpu_cores,
     )
 
 

@@ -14,19 +14,23 @@ import pytest
 from conftest import Replica, metric_sum
 
 from sloserve.client import AsyncClient, GenerationResult, build_request
+from sloserve.cpu_cores import allowed_cores
 from sloserve.errors import RejectedError, UnavailableError
 from sloserve.v1 import inference_pb2_grpc, replica_control_pb2, replica_control_pb2_grpc
 
 MAX_WAITING = 2
+BOUND_CORE = allowed_cores()[-1]
 
 
 @pytest.fixture(scope="module")
 def starting_replica(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Replica]:
-    """A replica of its own (the drain test stops it), not yet waited for."""
+    """A replica of its own (the drain test stops it), not yet waited for; its engine
+    computes on the last core, where vLLM's own choice would be the first."""
     server = Replica(
-        workdir=tmp_path_factory.mktemp("lifecycle"), args=["--max-waiting", str(MAX_WAITING)]
+        workdir=tmp_path_factory.mktemp("lifecycle"),
+        args=["--max-waiting", str(MAX_WAITING), "--cpu-cores", str(BOUND_CORE)],
     )
     server.start()
     yield server
@@ -62,6 +66,36 @@ def test_the_engine_serves_a_warm_up_request_before_the_replica_says_serving(
         assert time.monotonic() < deadline, "no warm-up steps"
         time.sleep(0.1)
     assert metric_sum(url, "sloserve_requests_total") == 0
+
+
+def test_the_engine_computes_on_the_cores_it_was_given(starting_replica: Replica) -> None:
+    starting_replica.wait_until("SERVING")
+    assert starting_replica.process is not None
+    processes = _descendants(starting_replica.process.pid)
+    # vLLM's CPU engine computes in a worker process of the engine core's.
+    workers = [pid for pid, name in processes.items() if name.startswith("VLLM::Worker")]
+    assert workers, processes
+    for worker in workers:
+        assert os.sched_getaffinity(worker) == {BOUND_CORE}
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """The processes below `root`, by pid, with their names (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid in [p for p, pp in parents.items() if pp == parent]:
+            found[pid] = (Path("/proc") / str(pid) / "comm").read_text().strip()
+            frontier.append(pid)
+    return found
 
 
 def test_flood_past_the_queue_bound_is_rejected_with_reason(starting_replica: Replica) -> None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from sloserve.cpu_cores import replica_core_args
+
 GiB = 1 << 30
 START_TIMEOUT_S = 300
 
@@ -221,15 +223,16 @@ def running(spec: SystemSpec, shape: EngineShape, log_path: Path) -> Iterator[st
 @contextmanager
 def running_replicas(shape: EngineShape, count: int, log_dir: Path) -> Iterator[list[str]]:
     """Starts `count` sloserve replicas (started one after another, so their engines do not
-    compete for the CPU while warming up); yields their endpoints, then stops them all."""
+    compete for the CPU while warming up), each computing on cores of its own; yields their
+    endpoints, then stops them all."""
     with ExitStack() as stack:
         endpoints = []
-        for i in range(count):
+        for i, binding in enumerate(replica_core_args(count)):
             port = _free_port()
             stack.enter_context(
                 _process(
                     f"replica-{i}",
-                    _replica_command(shape, port),
+                    _replica_command(shape, port, tuple(binding)),
                     log_dir / f"replica-{i}.log",
                     partial(_sloserve_ready, port),
                 )
