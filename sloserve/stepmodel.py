@@ -144,13 +144,18 @@ class StepTimeModel:
         return cls.from_json(json.loads(path.read_text()))
 
 
-def shipped_profile(name: str) -> StepTimeModel:
-    """A profile shipped with sloserve (sloserve/profiles/NAME.json)."""
+def shipped_profile_path(name: str) -> Path:
+    """Where the profile shipped as NAME is (sloserve/profiles/NAME.json)."""
     path = Path(__file__).with_name("profiles") / f"{name}.json"
     if not path.exists():
         names = sorted(p.stem for p in path.parent.glob("*.json"))
         raise FileNotFoundError(f"no shipped profile {name!r}; shipped: {names}")
-    return StepTimeModel.load(path)
+    return path
+
+
+def shipped_profile(name: str) -> StepTimeModel:
+    """A profile shipped with sloserve (sloserve/profiles/NAME.json)."""
+    return StepTimeModel.load(shipped_profile_path(name))
 
 
 # -- fitting -------------------------------------------------------------------------------

@@ -120,3 +120,13 @@ def test_a_baseline_failing_down_to_the_min_rate_gives_a_floor_on_the_ratio(
     assert headline["sloserve_vs_best_tuned_vllm_at_least"] == pytest.approx(ours.capacity)
     assert "| vllm-default | < 1 |" in markdown
     assert f"> {ours.capacity:.2f}x" in markdown
+
+
+def test_the_mode_note_names_each_way_the_search_departs_from_the_methodology() -> None:
+    quick = bench_cli._mode_note(bench_cli._mode(_parse("--quick")))
+    assert "40 requests per load point" in quick and "10.0% resolution" in quick
+    thousand_a_point = _parse("--quick", "--load-point-requests", "1000")
+    thousand = bench_cli._mode_note(bench_cli._mode(thousand_a_point))
+    assert "requests per load point" not in thousand  # 1,000 is what the methodology asks
+    assert "10.0% resolution, coarser than 2.5%" in thousand and "one seed" in thousand
+    assert bench_cli._mode_note(bench_cli.FULL).startswith("the methodology's search")

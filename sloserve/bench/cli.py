@@ -38,7 +38,7 @@ from sloserve.bench.targets import make_target
 from sloserve.bench.types import RequestRecord
 from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
 from sloserve.machine import cpu_description
-from sloserve.stepmodel import StepTimeModel, shipped_profile
+from sloserve.stepmodel import StepTimeModel, shipped_profile, shipped_profile_path
 
 DEFAULT_MODEL = Path(".models/bench")
 DEFAULT_PROFILE = "cpu-bench"
@@ -74,8 +74,13 @@ def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
+def _profile_path(given: Path | None) -> Path:
+    """The step profile of a run: the one given, else the shipped bench profile."""
+    return given if given is not None else shipped_profile_path(DEFAULT_PROFILE)
+
+
 def _load_profile(path: Path | None) -> StepTimeModel:
-    return StepTimeModel.load(path) if path else shipped_profile(DEFAULT_PROFILE)
+    return StepTimeModel.load(_profile_path(path))
 
 
 def _workload(args: argparse.Namespace, model: StepTimeModel, rate: float, count: int) -> Workload:
@@ -277,7 +282,10 @@ def _describe_run(
 
 def _engine_shape(args: argparse.Namespace) -> EngineShape:
     return EngineShape(
-        model=args.model, max_model_len=BENCH_MAX_MODEL_LEN, kv_cache_gib=args.kv_cache_gib
+        model=args.model,
+        max_model_len=BENCH_MAX_MODEL_LEN,
+        kv_cache_gib=args.kv_cache_gib,
+        profile=_profile_path(args.profile),
     )
 
 

@@ -112,6 +112,10 @@ class EngineShape:
     max_model_len: int
     kv_cache_gib: float = 1.0
     enforce_eager: bool = True
+    # The step profile sloserve replicas plan with: the one the bench scales SLOs by, so both
+    # describe the same engine (None: the replica's own default, MODEL/step-profile.json if
+    # there is one, else the shipped profile).
+    profile: Path | None = None
 
 
 def _free_port() -> int:
@@ -126,6 +130,7 @@ def _replica_command(shape: EngineShape, port: int, extra_args: tuple[str, ...] 
         "--model", str(shape.model), "--host", "127.0.0.1", "--port", str(port),
         "--metrics-port", "-1", "--kv-cache-gib", str(shape.kv_cache_gib),
         "--max-waiting", "100000",
+        *(("--profile", str(shape.profile)) if shape.profile is not None else ()),
         *_engine_args(shape), *extra_args,
     ]  # fmt: skip
 
