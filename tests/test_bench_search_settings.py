@@ -121,6 +121,14 @@ def test_a_baseline_failing_down_to_the_min_rate_gives_a_floor_on_the_ratio(
     assert "| vllm-default | < 1 |" in markdown
     assert f"> {ours.capacity:.2f}x" in markdown
 
+    # sloserve failing every rate too: no floor, rather than a floor of 0
+    failing = find_capacity(lambda rate: never, low=5.1, min_rate=args.min_rate)
+    results["sloserve"] = failing
+    bench_cli._write_compare(args, mode, model, reference, results, 10.0, 1, {}, planned)
+    headline = json.loads((tmp_path / "summary.json").read_text())["headline"]
+    assert headline["sloserve_vs_vllm_default_at_least"] is None
+    assert headline["sloserve_vs_best_tuned_vllm_at_least"] is None
+
 
 def test_the_mode_note_names_each_way_the_search_departs_from_the_methodology() -> None:
     quick = bench_cli._mode_note(bench_cli._mode(_parse("--quick")))

@@ -607,7 +607,8 @@ def _headline_floors(
         theirs = results.get(name)
         if theirs is None or theirs.status != "below_min_rate" or not theirs.lowest_failing:
             return None
-        return ours / theirs.lowest_failing
+        # sloserve with no passing rate of its own bounds nothing (a floor of 0 says nothing).
+        return ours / theirs.lowest_failing if ours > 0 else None
 
     tuned_floors = [floor(name) for name in tuned]
     best_tuned_floor = (
