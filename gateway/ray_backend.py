@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sloserve.cpu_cores import replica_core_args
+
 _PR_SET_PDEATHSIG = 1
 ACTOR_NAME_PREFIX = "sloserve-replica"
 
@@ -162,10 +164,13 @@ class RayReplicas:
         actor_class = ray.remote(
             num_cpus=self.cpus_per_replica, num_gpus=self.gpus_per_replica, max_restarts=0
         )(ReplicaHost)
+        # A local Ray puts every replica on this machine, where vLLM would compute them all on
+        # the same cores (sloserve/cpu_cores.py); a cluster's nodes bind their own.
+        cores = replica_core_args(self.replicas) if not self.address else [[]] * self.replicas
         self.actors = [
             actor_class.options(
                 name=f"{ACTOR_NAME_PREFIX}-{os.getpid()}-{i}", scheduling_strategy="SPREAD"
-            ).remote(f"replica-{i}", self.replica_args, str(self.log_dir))
+            ).remote(f"replica-{i}", [*self.replica_args, *cores[i]], str(self.log_dir))
             for i in range(self.replicas)
         ]
         try:

@@ -19,6 +19,7 @@ from conftest import CLASSES, free_port
 from openai import OpenAI
 
 from sloserve.client import Client
+from sloserve.cpu_cores import split_cores
 
 pytest.importorskip("ray", reason="the Ray backend needs `pip install ray`")
 
@@ -133,12 +134,18 @@ def test_up_with_the_ray_backend_serves_through_the_gateway_and_stops_cleanly(
         ray_processes = _processes_mentioning(str(ray_dir)).values()
         named = [re.search(r"--node[-_]ip[-_]address=(\S+)", c) for c in ray_processes]
         assert {m.group(1) for m in named if m} == {"127.0.0.2"}
-        # Each replica process is a child of a Ray actor's worker, not of `sloserve up`.
+        # Each replica process is a child of a Ray actor's worker, not of `sloserve up`, and
+        # computes on cores of its own (this machine holds both).
+        cores = []
         for endpoint in endpoints:
             port = endpoint.rpartition(":")[2]
-            (pid,) = _processes_mentioning(f"--port {port} --metrics-port -1")
+            ((pid, command),) = _processes_mentioning(f"--port {port} --metrics-port -1").items()
             assert _parent_command(pid).startswith("ray::ReplicaHost")
             replica_processes += [pid, *_children(pid)]  # the engine core among them
+            bound = re.search(r"--cpu-cores (\S+)", command)
+            assert bound, command
+            cores.append(bound.group(1))
+        assert sorted(cores) == sorted(c for c in split_cores(2) if c is not None)
         assert _processes_mentioning(str(ray_dir)), "no Ray process uses the given RAY_TMPDIR"
 
         with Client(f"127.0.0.1:{up.port}") as client:
