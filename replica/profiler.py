@@ -84,6 +84,39 @@ class _Driver:
     async def batch(self, sizes: list[tuple[int, int]]) -> None:
         await asyncio.gather(*[self.one(p, o) for p, o in sizes])
 
+    async def first_token_s(self, prompt_tokens: int) -> float:
+        """Seconds from submitting a prompt, alone, to its first token coming out."""
+        params = SamplingParams(max_tokens=2, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        self.count += 1
+        prompt = {"prompt_token_ids": self.prompt(prompt_tokens)}
+        started = time.perf_counter()
+        first: float | None = None
+        async for _ in self.engine.generate(prompt, params, f"profile-{self.count}"):
+            if first is None:
+                first = time.perf_counter() - started
+        assert first is not None, "the engine finished a request without output"
+        return first
+
+
+# Prompts timed alone, after the grid, for the per-request cost (`request_overhead_s`).
+ZERO_LOAD_PROMPTS = (8, 16, 32, 48)
+ZERO_LOAD_REPEATS = 3
+
+
+async def _zero_load_ttfts(driver: _Driver) -> list[tuple[int, float]]:
+    return [
+        (tokens, await driver.first_token_s(tokens))
+        for _ in range(ZERO_LOAD_REPEATS)
+        for tokens in ZERO_LOAD_PROMPTS
+    ]
+
+
+def request_overhead_s(model: StepTimeModel, ttfts: list[tuple[int, float]]) -> float:
+    """The per-request cost no step shows: the median of zero-load TTFTs less the prefill the
+    model predicts for them (input processing, the trip to the engine core and back)."""
+    beyond = sorted(ttft - model.prefill_s(tokens) for tokens, ttft in ttfts)
+    return max(0.0, beyond[len(beyond) // 2]) if beyond else 0.0
+
 
 async def _drive(driver: _Driver, grid: Grid, progress: Callable[[str], None]) -> None:
     # Idle decode and small steps first, so the floor is well measured.
@@ -100,6 +133,18 @@ async def _drive(driver: _Driver, grid: Grid, progress: Callable[[str], None]) -
             for chunk in grid.prefill_chunks[::3]:
                 progress(f"mixed: batch {batch} + prompt {chunk}")
                 await driver.batch([(64, grid.decode_tokens * 2)] * batch + [(chunk, 2)])
+
+
+async def _measure(
+    driver: _Driver, grid: Grid, progress: Callable[[str], None]
+) -> tuple[float, list[tuple[int, float]]]:
+    """The grid's steps (and the seconds it took), then zero-load first tokens: in one event
+    loop, the engine's output loop runs in the first one it is used from."""
+    started = time.monotonic()
+    await _drive(driver, grid, progress)
+    elapsed = time.monotonic() - started
+    progress(f"zero-load first tokens, prompts of {ZERO_LOAD_PROMPTS} tokens")
+    return elapsed, await _zero_load_ttfts(driver)
 
 
 def profile(
@@ -123,9 +168,7 @@ def profile(
                 max_len=engine.model_config.max_model_len,
                 seed=seed,
             )
-            started = time.monotonic()
-            asyncio.run(_drive(driver, grid, progress))
-            elapsed = time.monotonic() - started
+            elapsed, ttfts = asyncio.run(_measure(driver, grid, progress))
             time.sleep(0.5)  # let the last datagrams arrive
         finally:
             engine.shutdown()
@@ -149,4 +192,13 @@ def profile(
         },
         "profiling": {"steps": len(samples), "requests": driver.count, "seconds": elapsed},
     }
-    return fit(samples, metadata=metadata, seed=seed), records
+    model = fit(samples, metadata=metadata, seed=seed)
+    # The bench's TTFT presets count this (sloserve/bench/presets.py), as they must: a zero-load
+    # first token takes it on top of the prefill.
+    model.metadata["request_overhead_s"] = request_overhead_s(model, ttfts)
+    model.metadata["request_overhead_note"] = (
+        "fixed per-request cost beyond the step model: median zero-load TTFT of "
+        f"{ZERO_LOAD_PROMPTS[0]}-{ZERO_LOAD_PROMPTS[-1]} token prompts, measured in process "
+        "through the engine, less their predicted prefill; a server in front adds its own"
+    )
+    return model, records

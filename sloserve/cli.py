@@ -190,6 +190,8 @@ def _run_profile(args: argparse.Namespace) -> int:
         f"idle decode step {idle * 1000:.2f} ms; 512-token prefill chunk "
         f"{prefill_512 * 1000:.2f} ms ({prefill_512 / idle:.1f}x)"
     )
+    overhead = model.metadata["request_overhead_s"]
+    print(f"per-request overhead {overhead * 1000:.2f} ms (zero-load TTFT beyond the prefill)")
     return 0
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
+
 from sloserve.bench import cli as bench_cli
 from sloserve.bench import systems
 from sloserve.bench.systems import SYSTEMS, EngineShape
-from sloserve.stepmodel import shipped_profile_path
+from sloserve.stepmodel import shipped_profile, shipped_profile_path
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -39,3 +41,14 @@ def test_replicas_plan_with_the_profile_the_slos_are_scaled_by(tmp_path: Path) -
 def test_a_shape_without_a_profile_leaves_the_replica_its_own_default(tmp_path: Path) -> None:
     shape = EngineShape(model=tmp_path, max_model_len=1024)
     assert "--profile" not in systems._replica_command(shape, 50051)
+
+
+def test_a_profile_without_the_per_request_cost_is_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    derived = tmp_path / "derived.json"
+    shipped_profile("gpu-llama-3-8b-h100-derived").save(derived)  # derived, not measured
+    bench_cli._load_profile(derived)
+    assert "has no request_overhead_s" in capsys.readouterr().err
+    bench_cli._load_profile(None)  # the shipped bench profile carries it
+    assert capsys.readouterr().err == ""

@@ -20,6 +20,8 @@ def test_profiler_writes_a_fitted_profile(tiny_profile: Path) -> None:
     assert model.metadata["vllm_version"]
     assert model.metadata["hardware"].startswith("CPU")
     assert set(model.residual_quantiles) == {"p50", "p90", "p95", "p99"}
+    # What a zero-load first token takes beyond its prefill, for the bench's TTFT presets.
+    assert 0 < model.metadata["request_overhead_s"] < 1
     # Bigger steps never predict faster, and the inverse agrees with the forward model.
     small = model.predict(StepShape(16, 1, 16))
     big = model.predict(StepShape(1024, 1, 1024))
