@@ -80,11 +80,12 @@ def _profile_path(given: Path | None) -> Path:
 
 
 def _load_profile(path: Path | None) -> StepTimeModel:
-    model = StepTimeModel.load(_profile_path(path))
+    resolved = _profile_path(path)
+    model = StepTimeModel.load(resolved)
     if "request_overhead_s" not in model.metadata:
         # TTFT presets are multiples of the zero-load TTFT, of which this cost is part.
         _progress(
-            f"warning: {path} has no request_overhead_s (profiles from `sloserve profile` "
+            f"warning: {resolved} has no request_overhead_s (profiles from `sloserve profile` "
             "measure it): TTFT budgets count the prefill alone, and come out tighter"
         )
     return model
