@@ -91,6 +91,7 @@ def test_capacity_table_with_fluid_bound_and_baseline() -> None:
         CapacityRow("vllm", 3.0, 1.5),
         CapacityRow("vllm-priority", 0.0, lower_bound=False),
         CapacityRow("oracle", 12.0, lower_bound=True),
+        CapacityRow("vllm-budget", 0.0, below=3.0),
     ]
     table = capacity_table(rows, fluid_bound=12.0, baselines=["vllm"])
     assert table.splitlines() == [
@@ -99,7 +100,8 @@ def test_capacity_table_with_fluid_bound_and_baseline() -> None:
         "| sloserve | 6 | 4 | 50.0% | 2.00x |",
         "| vllm | 3 | 1.5 | 25.0% | 1.00x |",
         "| vllm-priority | 0 | - | 0.0% | 0.00x |",
-        "| oracle | >= 12 | - | 100.0% | 4.00x |",
+        "| oracle | >= 12 | - | >= 100.0% | 4.00x |",
+        "| vllm-budget | < 3 | - | < 25.0% | 0.00x |",
     ]
     no_bound = capacity_table(rows[:2])
     assert "| sloserve | 6 | 4 | - |" in no_bound

@@ -137,10 +137,24 @@ def _ratio(numerator: float, denominator: CapacityRow) -> str:
     return MISSING
 
 
-def _capacity(row: CapacityRow) -> str:
+def _bound_mark(row: CapacityRow) -> tuple[str, float]:
+    """The mark and rate that `row`'s capacity stands for: "<" a rate that failed first."""
     if row.capacity <= 0 and row.below is not None:
-        return f"< {row.below:.3g}"
-    return (">= " if row.lower_bound else "") + f"{row.capacity:.3g}"
+        return "< ", row.below
+    return (">= " if row.lower_bound else ""), row.capacity
+
+
+def _capacity(row: CapacityRow) -> str:
+    mark, rate = _bound_mark(row)
+    return f"{mark}{rate:.3g}"
+
+
+def _fraction_of_bound(row: CapacityRow, fluid_bound: float | None) -> str:
+    # A system below every rate it tried reads "< x%", not 0.0%: it may serve some load.
+    if not fluid_bound:
+        return MISSING
+    mark, rate = _bound_mark(row)
+    return mark + _percent(rate / fluid_bound)
 
 
 def capacity_table(
@@ -150,7 +164,8 @@ def capacity_table(
 ) -> str:
     """Capacity per system, as a fraction of the fluid bound (§6) and as ratios to baselines.
 
-    A capacity that is only a lower bound is marked ">=", one below every rate tried "<".
+    A capacity that is only a lower bound is marked ">=", one below every rate tried "<" (its
+    fraction of the fluid bound too).
     Ratio columns: one per named baseline, capacity(system) / capacity(baseline), measured in
     the same run (§7); "> r" where the baseline failed every rate it tried.
     """
@@ -165,7 +180,7 @@ def capacity_table(
             row.system,
             _capacity(row),
             MISSING if row.capacity_99 is None else f"{row.capacity_99:.3g}",
-            _percent(row.capacity / fluid_bound) if fluid_bound else MISSING,
+            _fraction_of_bound(row, fluid_bound),
             *(_ratio(row.capacity, by_name[name]) for name in baselines),
         ]
         for row in rows
