@@ -89,3 +89,29 @@ def test_command_writes_the_table(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode != 0 and "not a `bench compare` summary" in bad.stderr
+
+
+def test_a_baseline_below_every_rate_tried_gives_floors(tmp_path: Path) -> None:
+    coding = _summary(
+        tmp_path / "coding", "coding", {"vllm-default": 4.0, "sloserve": 16.0}, "vllm-default"
+    )
+    mixed = _summary(
+        tmp_path / "mixed", "mixed", {"vllm-default": 0.0, "sloserve": 6.0}, "vllm-default"
+    )
+    summary = json.loads((mixed / "summary.json").read_text())
+    summary["systems"]["vllm-default"]["search"] = {
+        "status": "below_min_rate",
+        "lowest_failing_rps": 2.0,
+    }
+    (mixed / "summary.json").write_text(json.dumps(summary))
+    rows = [load_row(coding), load_row(mixed)]
+    assert rows[1].ratio("vllm-default") is None and rows[1].ratio_floor("vllm-default") == 3.0
+    assert rows[0].ratio_floor("vllm-default") is None
+    lines = markdown(rows).splitlines()
+    assert lines[3] == "| mixed | <2 | 6 | > 3.00x | > 3.00x (vllm-default) |"
+    mean = f"{math.sqrt(12.0):.2f}x"  # over 4.00x and the floor 3.00x: a floor too
+    assert lines[-1].endswith(f"vllm-default > {mean}, sloserve / best tuned > {mean}")
+    as_json = to_json(rows)
+    assert as_json["scenarios"][1]["sloserve/vllm-default_at_least"] == 3.0
+    assert as_json["geometric_mean"]["sloserve/vllm-default"] == pytest.approx(math.sqrt(12.0))
+    assert as_json["geometric_mean"]["sloserve/vllm-default_is_floor"] is True
