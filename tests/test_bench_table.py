@@ -103,10 +103,15 @@ def test_a_baseline_below_every_rate_tried_gives_floors(tmp_path: Path) -> None:
         "status": "below_min_rate",
         "lowest_failing_rps": 2.0,
     }
+    # As `bench compare` writes them: 6.0 / 2.0 for both, vllm-default being the only variant.
+    summary["headline"] = {
+        "sloserve_vs_vllm_default_at_least": 3.0,
+        "sloserve_vs_best_tuned_vllm_at_least": 3.0,
+    }
     (mixed / "summary.json").write_text(json.dumps(summary))
     rows = [load_row(coding), load_row(mixed)]
-    assert rows[1].ratio("vllm-default") is None and rows[1].ratio_floor("vllm-default") == 3.0
-    assert rows[0].ratio_floor("vllm-default") is None
+    assert rows[1].ratio("vllm-default") is None and rows[1].to_default() == (3.0, True)
+    assert rows[0].to_default() == (4.0, False)
     lines = markdown(rows).splitlines()
     assert lines[3] == "| mixed | <2 | 6 | > 3.00x | > 3.00x (vllm-default) |"
     mean = f"{math.sqrt(12.0):.2f}x"  # over 4.00x and the floor 3.00x: a floor too

@@ -31,23 +31,32 @@ class ScenarioRow:
     best_tuned: str | None
     requests_per_load_point: int
     # Systems that failed every rate down to the search's floor: their capacity is below this
-    # rate (the summary says 0), so sloserve's ratio to them is at least ours / this rate.
+    # rate (the summary says 0).
     below: dict[str, float] = field(default_factory=dict)
+    # The summary's floors on sloserve's ratios where the baselines failed every rate they
+    # tried (`bench compare` works them out: against the tuned variants, only when all failed).
+    default_floor: float | None = None
+    tuned_floor: float | None = None
 
     def ratio(self, other: str | None) -> float | None:
         theirs = self.capacity.get(other or "", 0.0)
         return self.capacity[SLOSERVE] / theirs if theirs > 0 else None
 
-    def ratio_floor(self, other: str | None) -> float | None:
-        """sloserve / `other` where `other` failed every rate it tried: a lower bound."""
-        theirs = self.below.get(other or "")
-        ours = self.capacity[SLOSERVE]
-        return ours / theirs if theirs and ours > 0 and self.ratio(other) is None else None
+    def to_default(self) -> tuple[float | None, bool]:
+        """sloserve / vllm-default, else its floor; the flag says which."""
+        return _or_floor(self.ratio(BASELINE), self.default_floor)
 
-    def ratio_or_floor(self, other: str | None) -> tuple[float | None, bool]:
-        """The ratio, else its floor; the flag says which."""
-        floor = self.ratio_floor(other)
-        return (floor, True) if floor is not None else (self.ratio(other), False)
+    def to_tuned(self) -> tuple[float | None, bool]:
+        """sloserve / the best tuned variant, else its floor; the flag says which."""
+        return _or_floor(self.ratio(self.best_tuned), self.tuned_floor)
+
+
+def _or_floor(ratio: float | None, floor: float | None) -> tuple[float | None, bool]:
+    return (ratio, False) if ratio is not None or floor is None else (floor, True)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def load_row(folder: Path) -> ScenarioRow:
@@ -56,6 +65,7 @@ def load_row(folder: Path) -> ScenarioRow:
         summary: dict[str, Any] = json.loads(path.read_text())
         systems: dict[str, Any] = summary["systems"]
         scenario = str(summary["scenario"])
+        headline: dict[str, Any] = summary.get("headline") or {}
     except (OSError, ValueError, KeyError) as error:
         raise TableError(f"{path}: not a `bench compare` summary ({error})") from None
     missing = {SLOSERVE, BASELINE} - systems.keys()
@@ -75,6 +85,8 @@ def load_row(folder: Path) -> ScenarioRow:
             if s["search"].get("status") == "below_min_rate"
             and s["search"].get("lowest_failing_rps")
         },
+        default_floor=_optional_float(headline.get("sloserve_vs_vllm_default_at_least")),
+        tuned_floor=_optional_float(headline.get("sloserve_vs_best_tuned_vllm_at_least")),
     )
 
 
@@ -105,10 +117,10 @@ def markdown(rows: Sequence[ScenarioRow]) -> str:
     header = ["scenario", *systems, "sloserve / default", "sloserve / best tuned"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
-        tuned, tuned_floor = row.ratio_or_floor(row.best_tuned)
+        tuned, tuned_floor = row.to_tuned()
         best = "-" if tuned is None else f"{_ratio(tuned, tuned_floor)} ({row.best_tuned})"
         cells = [row.scenario, *(_capacity(row, s) for s in systems)]
-        cells += [_ratio(*row.ratio_or_floor(BASELINE)), best]
+        cells += [_ratio(*row.to_default()), best]
         lines.append("| " + " | ".join(cells) + " |")
     (to_default, default_floor), (to_tuned, tuned_floor) = _means(rows)
     lines.append("")
@@ -132,8 +144,8 @@ def _mean(ratios: Sequence[tuple[float | None, bool]]) -> _Mean:
 def _means(rows: Sequence[ScenarioRow]) -> tuple[_Mean, _Mean]:
     """Geometric means of sloserve / vllm-default and of sloserve / best tuned, over the rows
     that have the ratio or its floor."""
-    to_default = _mean([row.ratio_or_floor(BASELINE) for row in rows])
-    to_tuned = _mean([row.ratio_or_floor(row.best_tuned) for row in rows])
+    to_default = _mean([row.to_default() for row in rows])
+    to_tuned = _mean([row.to_tuned() for row in rows])
     return to_default, to_tuned
 
 
@@ -150,8 +162,8 @@ def to_json(rows: Sequence[ScenarioRow]) -> dict[str, Any]:
                 "sloserve/vllm-default": row.ratio(BASELINE),
                 "sloserve/best_tuned": row.ratio(row.best_tuned),
                 "below_rps": row.below,
-                "sloserve/vllm-default_at_least": row.ratio_floor(BASELINE),
-                "sloserve/best_tuned_at_least": row.ratio_floor(row.best_tuned),
+                "sloserve/vllm-default_at_least": row.default_floor,
+                "sloserve/best_tuned_at_least": row.tuned_floor,
             }
             for row in rows
         ],
