@@ -144,9 +144,7 @@ def _mean(ratios: Sequence[tuple[float | None, bool]]) -> _Mean:
 def _means(rows: Sequence[ScenarioRow]) -> tuple[_Mean, _Mean]:
     """Geometric means of sloserve / vllm-default and of sloserve / best tuned, over the rows
     that have the ratio or its floor."""
-    to_default = _mean([row.to_default() for row in rows])
-    to_tuned = _mean([row.to_tuned() for row in rows])
-    return to_default, to_tuned
+    return _mean([row.to_default() for row in rows]), _mean([row.to_tuned() for row in rows])
 
 
 def to_json(rows: Sequence[ScenarioRow]) -> dict[str, Any]:
