@@ -83,6 +83,7 @@ class SloPolicyMixin:
     waiting: Any
     max_num_scheduled_tokens: int
     max_num_running_reqs: int
+    max_num_active_reqs: int
     block_size: int
     cache_config: Any
     # Set in __init__.
@@ -223,10 +224,17 @@ class SloPolicyMixin:
         self._last_plan_s = time.perf_counter() - started
         if self._fault_step_delay_s and self.running:
             time.sleep(self._fault_step_delay_s)
+        # Hidden requests still hold their seats: vLLM must not admit waiting requests into
+        # the room they seem to leave, or the running list outgrows max_num_seqs once they
+        # are back (and vLLM's own check fails on the next step).
+        saved_seats = self.max_num_running_reqs, self.max_num_active_reqs
+        self.max_num_running_reqs -= len(hidden)
+        self.max_num_active_reqs -= len(hidden)
         try:
             output: SchedulerOutput = super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
             self.max_num_scheduled_tokens = saved_budget
+            self.max_num_running_reqs, self.max_num_active_reqs = saved_seats
             self.running.extend(hidden)
             for request in held_back:
                 self.waiting.add_request(request)
