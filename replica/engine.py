@@ -36,6 +36,9 @@ class EngineSettings:
     # leaves it to vLLM, which picks the same cores for every engine on the machine.
     cpu_cores: str | None = None
     fault_step_delay_s: float = 0.0  # tests only: slows every step down (scheduler.py)
+    # vLLM's reasoning parser of the model ("deepseek_r1", ...): tells the scheduler when a
+    # request's thinking stage ends. None: the stage never ends (thinking TPOT throughout).
+    reasoning_parser: str | None = None
 
 
 @dataclass
@@ -110,6 +113,7 @@ def engine_args(settings: EngineSettings) -> AsyncEngineArgs:
         "kv_cache_memory_bytes": settings.kv_cache_bytes,
         "max_num_seqs": settings.max_num_seqs,
         "max_num_batched_tokens": settings.max_num_batched_tokens,
+        "reasoning_parser": settings.reasoning_parser,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     return AsyncEngineArgs(**kwargs)

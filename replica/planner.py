@@ -91,6 +91,29 @@ class StepPlan:
         return self.decodes + [request_id for request_id, _ in self.prefills]
 
 
+def stretched_cap_s(cap_s: float, tokens: int, time_left_s: float, c0: float, c1: float) -> float:
+    """The step cap stretched as far as a prefill of `tokens` needs to end by `time_left_s`.
+
+    The cap (LiveLimits.max_step_s) keeps steps short for requests that may arrive while a
+    step runs. Chunked in steps of at most the cap, a long prompt can take longer than its
+    own TTFT allows: every step pays the fixed cost `c0` (the step without the chunk, loop
+    overhead included) and a prompt token costs `c1`, so k steps take k * c0 + tokens * c1.
+    Then the prompt's steps may run longer, but no longer than it needs: the fewest steps of
+    equal size that still end in time. A cap that dooms a request in hand to spare requests
+    that may not come costs more than it saves. A prompt that cannot end in time even in one
+    step is late whatever happens, and keeps the cap.
+    """
+    if math.isinf(cap_s) or tokens <= 0 or c1 <= 0:
+        return cap_s
+    per_step = (cap_s - c0) / c1
+    if per_step >= 1 and math.ceil(tokens / per_step) * c0 + tokens * c1 <= time_left_s:
+        return cap_s  # the cap leaves it in time
+    most_steps = math.floor((time_left_s - tokens * c1) / c0 + 1e-9) if c0 > 0 else 1
+    if most_steps < 1:
+        return cap_s
+    return max(cap_s, c0 + math.ceil(tokens / most_steps) * c1)
+
+
 class StepPlanner:
     def __init__(
         self, model: StepTimeModel, settings: PlannerSettings, limits: LiveLimits | None = None
@@ -98,6 +121,8 @@ class StepPlanner:
         self.model = model
         self.settings = settings
         self.limits = limits or LiveLimits(safety_factor=settings.safety_factor)
+        # The step cap of the step being planned (_step_cap_s).
+        self._cap_s = self.limits.max_step_s
 
     def slack_s(self, request: SloRequest, now: float) -> float:
         """Time left until the request's next token is due at the client (as planned for)."""
@@ -139,6 +164,7 @@ class StepPlanner:
         first_prefill = prefill_admitted[0] if prefill_admitted else None
         requests = len(plan.decodes) + (1 if first_prefill else 0)
         context += first_prefill.context_tokens if first_prefill else 0
+        self._cap_s = self._step_cap_s(now, first_prefill, len(plan.decodes), context)
         budget = self._token_budget(limit, requests, context)
         used = len(plan.decodes)
         rode_along = False
@@ -227,10 +253,27 @@ class StepPlanner:
             if request_id in plan.skipped:
                 plan.skipped.remove(request_id)
 
+    def _step_cap_s(
+        self, now: float, head: SloRequest | None, decodes: int, context: int
+    ) -> float:
+        """The step cap for this step: LiveLimits.max_step_s, stretched for the prefill with
+        the earliest deadline if it needs longer steps to make its first token in time
+        (stretched_cap_s)."""
+        cap = self.limits.max_step_s
+        if head is None or math.isinf(cap) or not head.split_prefill:
+            return cap
+        sf = self.limits.safety_factor
+        empty = self.model.predict(StepShape(decodes, decodes + 1, context))
+        chunk = min(head.prefill_left, self.settings.max_step_tokens)
+        full = self.model.predict(StepShape(decodes + chunk, decodes + 1, context + chunk))
+        c0 = empty * sf + self.limits.overhead_s
+        c1 = max(0.0, full - empty) / chunk * sf
+        return stretched_cap_s(cap, head.prefill_left, self.slack_s(head, now), c0, c1)
+
     def _compute_s(self, limit_s: float) -> float:
         """Model time a step may take and still end within `limit_s`, with the margin and the
         loop overhead, and within the step cap (inf: no limit)."""
-        limit_s = min(limit_s, self.limits.max_step_s)
+        limit_s = min(limit_s, self._cap_s)
         if math.isinf(limit_s):
             return math.inf
         return (limit_s - self.limits.overhead_s) / self.limits.safety_factor

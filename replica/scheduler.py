@@ -92,6 +92,8 @@ class SloPolicyMixin:
     _reports: ReportSender | None
     _steps_in_flight: dict[int, tuple[StepShape, int, float, float]]
     _outbox: list[tuple[int, str, str]]
+    _expiring: set[str]
+    _reasoning_parser: Any
     _cpu_engine: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -109,6 +111,14 @@ class SloPolicyMixin:
         self._last_step: tuple[float, float, bool] | None = None
         # Finished outputs to emit for requests that never ran: (client, request id, reason).
         self._outbox = []
+        # Requests the policy itself is ending (strict ones that expired), until freed.
+        self._expiring = set()
+        # vLLM's reasoning parser of the model, when the engine has one (--reasoning-parser):
+        # it tells when a request's thinking ends. One instance serves every request: only
+        # its end-of-thinking check is used, which keeps no state.
+        manager = getattr(self, "structured_output_manager")  # noqa: B009
+        parser_cls = manager.reasoner_cls
+        self._reasoning_parser = parser_cls(manager.tokenizer) if parser_cls else None
         self.slo_policy = self._build_policy(settings)
         device = getattr(self, "vllm_config").device_config.device_type  # noqa: B009
         self._cpu_engine = device == "cpu"
@@ -287,19 +297,20 @@ class SloPolicyMixin:
             (i for request_id, i in order.items() if request_id not in running_ids),
             default=len(order),
         )
-        prefilling = {request_id for request_id, _ in plan.prefills}
-        keep: list[Request] = []
+        inverted = {
+            request_id for request_id, _ in plan.prefills if order[request_id] > first_waiting
+        }
+        # Each kept request goes to its planned position: the running list in plan order
+        # without a sort (a request is in the running list once, at one position).
+        placed: list[Request | None] = [None] * len(order)
         hidden: list[Request] = []
         for request in self.running:
             position = order.get(request.request_id)
-            unplanned = position is None
-            inverted = request.request_id in prefilling and (position or 0) > first_waiting
-            if unplanned or inverted:
+            if position is None or request.request_id in inverted:
                 hidden.append(request)
             else:
-                keep.append(request)
-        keep.sort(key=lambda r: order.get(r.request_id, len(order)))
-        self.running = keep
+                placed[position] = request
+        self.running = [request for request in placed if request is not None]
         return hidden
 
     def _hold_back_whole_prefills(self, policy: SloPolicy, plan: StepPlan) -> list[Request]:
@@ -327,6 +338,7 @@ class SloPolicyMixin:
             if request is None:
                 continue
             if expiry.abort:
+                self._expiring.add(request.request_id)
                 self._report_verdict(tracked, "aborted", Reason.EXPIRED)
                 self._outbox.append((request.client_index, request.request_id, EXPIRED_STOP_REASON))
                 self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)  # type: ignore[attr-defined]
@@ -376,10 +388,24 @@ class SloPolicyMixin:
                         request = self.requests.get(out.request_id)
                         if request is not None:  # keeps prefill_left right until next step
                             tracked.computed_tokens = request.num_computed_tokens
+                            self._watch_thinking(tracked, request, out.new_token_ids)
         self._flush_outbox(outputs)
         if not (self.running or self.waiting):
             self._last_step = None  # the engine goes idle: the next gap is not overhead
         return outputs
+
+    def _watch_thinking(self, tracked: SloRequest, request: Request, new: list[int]) -> None:
+        """Ends a request's thinking stage when the model ends it, as vLLM's reasoning parser
+        (the engine's `--reasoning-parser`) reads the output. From then on its tokens are
+        held to the answer's TPOT, and the planner may give it the looser pace. Without a
+        parser the stage never ends: every token keeps the thinking TPOT."""
+        if not tracked.thinking or tracked.budgets.thinking_tokens:
+            return
+        parser = self._reasoning_parser
+        if parser is None:
+            return
+        if parser.is_reasoning_end_streaming(request.output_token_ids, new):
+            tracked.end_thinking()
 
     def _flush_outbox(self, outputs: dict[int, EngineCoreOutputs]) -> None:
         for client_index, request_id, reason in self._outbox:
@@ -399,12 +425,17 @@ class SloPolicyMixin:
     def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
         # Every finished request passes here (stopped, length, or aborted by the client).
         freed = super()._free_request(request, delay_free_blocks)  # type: ignore[misc]
+        expired = request.request_id in self._expiring
+        self._expiring.discard(request.request_id)
         if self.slo_policy is not None:
-            completed = request.status in (
+            # Its output length is known when the model ended it, or its client did: a
+            # client that closes its stream has had what it wanted. The policy's own aborts
+            # (strict requests that expired) say nothing of how long the answer would be.
+            ended = request.status in (
                 RequestStatus.FINISHED_STOPPED,
                 RequestStatus.FINISHED_LENGTH_CAPPED,
-            )
-            self.slo_policy.finish(request.request_id, completed)
+            ) or (request.status is RequestStatus.FINISHED_ABORTED and not expired)
+            self.slo_policy.finish(request.request_id, ended and request.num_output_tokens > 0)
         params = request.sampling_params
         slo = RequestSlo.from_extra_args(params.extra_args) if params is not None else None
         if slo is not None:

@@ -48,6 +48,10 @@ class SloRequest:
     computed_tokens: int = 0
     output_tokens: int = 0
     first_token_at: float | None = None
+    # Index of the first answer token, once the model has been seen to end its thinking
+    # stage (end_thinking); None while it thinks, or when the stage's length came with the
+    # request (Budgets.thinking_tokens).
+    thinking_ended_at: int | None = None
     # Sum of the TPOT budgets of tokens 2..output_tokens: where the deadline line has got to.
     _decode_budget_s: float = field(default=0.0, repr=False)
 
@@ -88,7 +92,19 @@ class SloRequest:
     @property
     def next_tpot_s(self) -> float:
         """TPOT budget of the next token (the current stage's)."""
-        return self.slo.budgets.tpot_for_token(max(1, self.output_tokens))
+        return self._tpot_for_token(max(1, self.output_tokens))
+
+    @property
+    def thinking(self) -> bool:
+        """Whether it may still produce thinking tokens (held to the thinking TPOT)."""
+        budgets = self.slo.budgets
+        if budgets.thinking_tpot_s is None:
+            return False
+        end = budgets.thinking_tokens or self.thinking_ended_at
+        return end is None or self.output_tokens < end
+
+    def _tpot_for_token(self, index: int) -> float:
+        return self.slo.budgets.tpot_for_token(index, self.thinking_ended_at)
 
     def next_deadline(self, tolerance: float = 1.0, delivery_s: float = 0.0) -> float:
         """When the next token is due: the first token's TTFT deadline, else the decode clock
@@ -125,7 +141,13 @@ class SloRequest:
             if self.output_tokens == 1:
                 self.first_token_at = now
             else:
-                self._decode_budget_s += self.slo.budgets.tpot_for_token(self.output_tokens - 1)
+                self._decode_budget_s += self._tpot_for_token(self.output_tokens - 1)
+
+    def end_thinking(self) -> None:
+        """The model ended its thinking stage: the tokens from the next one on are answer
+        tokens, held to the answer TPOT."""
+        if self.thinking_ended_at is None and self.slo.budgets.thinking_tpot_s is not None:
+            self.thinking_ended_at = self.output_tokens
 
     def demote(self, reason: Reason) -> None:
         self.mode = Mode.BEST_EFFORT

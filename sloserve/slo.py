@@ -35,7 +35,9 @@ class Budgets:
     tpot_s: float
     # TPOT of a thinking stage before the answer; None: no thinking stage.
     thinking_tpot_s: float | None = None
-    # Leading output tokens that belong to the thinking stage, when known in advance.
+    # Leading output tokens that belong to the thinking stage, when known in advance. 0: not
+    # known (no client knows how long a model will think): the stage lasts until the model
+    # ends it, and every token is held to the thinking TPOT until then.
     thinking_tokens: int = 0
 
     def validate(self, field: str) -> None:
@@ -48,9 +50,17 @@ class Budgets:
         if self.thinking_tokens < 0:
             raise FieldError(f"{field}.thinking_tokens", "must not be negative")
 
-    def tpot_for_token(self, index: int) -> float:
-        """TPOT budget of output token `index` (0-based), by the stage it belongs to."""
-        if self.thinking_tpot_s is not None and index < self.thinking_tokens:
+    def tpot_for_token(self, index: int, thinking_ended_at: int | None = None) -> float:
+        """TPOT budget of output token `index` (0-based), by the stage it belongs to.
+
+        The thinking stage ends at `thinking_tokens` when that is known in advance, else at
+        `thinking_ended_at` (the index of the first answer token) once the model has been
+        seen to end it; until then, every token is a thinking token.
+        """
+        if self.thinking_tpot_s is None:
+            return self.tpot_s
+        end = self.thinking_tokens or thinking_ended_at
+        if end is None or index < end:
             return self.thinking_tpot_s
         return self.tpot_s
 

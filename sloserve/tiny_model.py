@@ -28,7 +28,9 @@ _CORPUS = (
     "once upon a time there was a request that met its deadline. "
 )
 
-SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
+# The thinking markers of reasoning models (vLLM's `deepseek_r1` reasoning parser looks for
+# them), so a replica of a generated model can be run with a reasoning parser in tests.
+SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>", "<think>", "</think>")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from sloserve.bench.scheduler_loop import LoopConfig, SchedulerLoop
 from sloserve.replica.planner import StepPlan
@@ -89,3 +89,27 @@ def test_running_never_exceeds_max_num_seqs(
         assert preempted, "the small KV cache never made vLLM preempt"
     # Every request ended (completed, or answered with a rejection), none was lost.
     assert loop.finished_ids() == set(arrived)
+
+
+def test_a_stream_its_client_ends_teaches_its_output_length(tiny_model: Path) -> None:
+    """A client that closes its stream has had its answer: its length counts for the class
+    as one the model ended would (the benchmark's clients end every request so)."""
+    loop = SchedulerLoop(
+        LoopConfig(
+            model=tiny_model,
+            kv_tokens=64 * 1024,
+            max_num_seqs=32,
+            max_num_batched_tokens=BUDGET,
+            profile=shipped_profile("cpu-bench").to_json(),
+        )
+    )
+    scheduler: Any = loop.scheduler
+    ids = [f"c{i}" for i in range(25)]
+    loop.add(loop.request(i, 20, 200, _slo(i, 60.0, 1.0)) for i in ids)
+    while min(scheduler.requests[i].num_output_tokens for i in ids) < 7:
+        loop.step()
+    loop.drain()
+    lengths = {scheduler.requests[i].num_output_tokens for i in ids}
+    scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)  # the engine core's abort
+    # The 90th percentile of what the 25 streams produced, not max_tokens (200).
+    assert scheduler.slo_policy.lengths.expected("stress", 200) == max(lengths) < 200

@@ -11,11 +11,12 @@ from sloserve.replica.admission import (
     QUEUE_LATE_ALLOWANCE,
     AdmissionController,
     ForecastErrors,
+    GroupedForecastErrors,
     OutputLengths,
     _DecodeBatch,
 )
-from sloserve.replica.planner import PlannerSettings, StepPlanner
-from sloserve.replica.policy import SloPolicy
+from sloserve.replica.planner import PlannerSettings, StepPlanner, stretched_cap_s
+from sloserve.replica.policy import BEARABLE_STRETCH, SloPolicy
 from sloserve.replica.slo_request import Mode, Reason, SloRequest
 from sloserve.slo import Budgets, RequestSlo, judge
 from sloserve.stepmodel import StepShape, StepTimeModel
@@ -166,14 +167,42 @@ def test_a_completing_prefill_shortens_the_step_to_its_ttft() -> None:
     assert plan.predicted_s <= 0.05 + 1e-9
 
 
-def test_the_policy_caps_steps_at_half_the_tightest_recent_ttft() -> None:
+def test_the_policy_caps_steps_at_the_wait_the_tightest_recent_request_could_bear() -> None:
     policy = SloPolicy(MODEL, SETTINGS, kv_capacity_tokens=1_000_000)
+    # 4,000 tokens prefill alone in two steps, 5 ms + 204.8 ms and 5 ms + 195.2 ms: of its
+    # 2 s budget, 1.59 s could go to waiting for a step to end; steps may last 1.5 x that.
     policy.arrive(0.0, make("a", Budgets(ttft_s=2.0, tpot_s=0.05), prompt=4000))
-    assert policy.limits.max_step_s == pytest.approx(1.0)
+    assert policy.limits.max_step_s == pytest.approx((2.0 - 0.41) * BEARABLE_STRETCH)
+    # 10 tokens prefill in 6 ms of a 60 ms budget: 54 ms to bear.
     policy.arrive(0.0, make("b", Budgets(ttft_s=0.06, tpot_s=0.05), prompt=10))
-    assert policy.limits.max_step_s == pytest.approx(0.03)
+    cap = 0.054 * BEARABLE_STRETCH
+    assert policy.limits.max_step_s == pytest.approx(cap)
     plan = policy.plan(0.0, [], [policy.requests["a"]])
-    assert plan.predicted_s <= 0.03 + 1e-9 and plan.tokens in (249, 250)  # floor of 249.99
+    assert plan.predicted_s <= cap + 1e-9 and plan.tokens == math.floor((cap - 0.005) / 0.0001)
+
+
+def test_a_prompt_that_needs_longer_steps_than_the_cap_gets_them() -> None:
+    """In steps of the cap (81 ms: 760 tokens), 3,000 tokens take 4 steps, 320 ms; with
+    315 ms left, 3 steps of 1,000 tokens (105 ms each) are the fewest that end in time."""
+    planner = StepPlanner(MODEL, SETTINGS)
+    planner.limits.max_step_s = 0.081
+    prompt = make("p", Budgets(ttft_s=2.0, tpot_s=0.05), prompt=3000)
+    plan = planner.plan(0.0, [], [prompt])
+    assert plan.tokens == 760  # plenty of time: the cap holds
+    plan = planner.plan(2.0 - 0.315, [], [prompt])
+    assert plan.tokens == 1000 and plan.predicted_s == pytest.approx(0.105)
+    # With no way to end in time even in one step, it keeps the cap: the requests still to
+    # come are not spent on a first token that is late whatever happens.
+    plan = planner.plan(2.0 - 0.2, [], [prompt])
+    assert plan.tokens == 760
+
+
+def test_stretched_cap_is_the_fewest_equal_steps_that_end_in_time() -> None:
+    # c0 = 5 ms a step, c1 = 0.1 ms a token.
+    assert stretched_cap_s(0.081, 3000, 1.0, 0.005, 0.0001) == 0.081  # in time capped
+    assert stretched_cap_s(0.081, 3000, 0.315, 0.005, 0.0001) == pytest.approx(0.105)
+    assert stretched_cap_s(0.081, 3000, 0.3, 0.005, 0.0001) == 0.081  # hopeless: no stretch
+    assert stretched_cap_s(math.inf, 3000, 0.3, 0.005, 0.0001) == math.inf
 
 
 def test_requests_not_admitted_leave_the_step_cap_alone() -> None:
@@ -185,7 +214,7 @@ def test_requests_not_admitted_leave_the_step_cap_alone() -> None:
     assert policy.arrive(0.0, make("no", hopeless, prompt=200)).rejected
     verdict = policy.arrive(0.0, make("be", hopeless, prompt=200, best_effort_ok=True))
     assert verdict.mode is Mode.BEST_EFFORT
-    assert policy.limits.max_step_s == pytest.approx(1.0)
+    assert policy.limits.max_step_s == pytest.approx((2.0 - 0.41) * BEARABLE_STRETCH)
 
 
 def test_a_step_never_plans_nothing_while_work_waits() -> None:
@@ -400,7 +429,7 @@ def measured(admission: AdmissionController, error: float) -> AdmissionControlle
     """`admission` once it has seen enough first tokens come `error` TTFT budgets later
     than it forecast them, just now."""
     for _ in range(FORECAST_ERROR_MIN_SAMPLES):
-        admission.errors.observe(0.0, error)
+        admission.errors.pooled.observe(0.0, error)
     return admission
 
 
@@ -419,15 +448,33 @@ def test_forecast_errors_answer_a_high_quantile_once_enough_recent_ones_are_know
 
 
 def test_allowance_is_what_the_measured_forecast_error_leaves() -> None:
+    request = make("r", Budgets(ttft_s=0.2, tpot_s=0.05))
     # Unmeasured, the forecast is taken for pessimistic: a quarter of a budget late is fine.
-    assert controller().allowance_s(0.0, 0.2) == pytest.approx(QUEUE_LATE_ALLOWANCE * 0.2)
+    assert controller().allowance_s(0.0, request) == pytest.approx(QUEUE_LATE_ALLOWANCE * 0.2)
     # First tokens measured 0.4 budgets later than forecast: a forecast must now be 0.4
     # budgets early to be on time.
-    assert measured(controller(), 0.4).allowance_s(0.0, 0.2) == pytest.approx(-0.08)
+    assert measured(controller(), 0.4).allowance_s(0.0, request) == pytest.approx(-0.08)
     # A forecast measured pessimistic never earns more than the default allowance.
-    assert measured(controller(), -0.6).allowance_s(0.0, 0.2) == pytest.approx(0.05)
+    assert measured(controller(), -0.6).allowance_s(0.0, request) == pytest.approx(0.05)
     # A margin learned in a burst does not outlive it: 30 s on, the errors are gone.
-    assert measured(controller(), 0.4).allowance_s(31.0, 0.2) == pytest.approx(0.05)
+    assert measured(controller(), 0.4).allowance_s(31.0, request) == pytest.approx(0.05)
+
+
+def test_a_length_group_with_errors_of_its_own_is_held_to_them() -> None:
+    """One step of forecast error is a large part of a short TTFT budget and a small part of
+    a long one: a class with errors of its own is held to those, the others to all pooled."""
+    errors = GroupedForecastErrors(max_groups=2)
+    for _ in range(FORECAST_ERROR_MIN_SAMPLES):
+        errors.observe("short", 0.0, 0.4)
+    for _ in range(FORECAST_ERROR_MIN_SAMPLES):
+        errors.observe("long", 0.0, -0.1)
+    assert errors.quantile("short", 0.0) == pytest.approx(0.4)
+    assert errors.quantile("long", 0.0) == pytest.approx(-0.1)
+    pooled = errors.pooled.quantile(0.0)
+    assert errors.quantile("new", 0.0) == pooled  # too few of its own
+    errors.observe("third", 0.0, 0.0)  # past max_groups: the least recently observed goes
+    assert errors.quantile("short", 0.0) == errors.pooled.quantile(0.0)
+    assert errors.quantile("long", 0.0) == pytest.approx(-0.1)
 
 
 def test_a_forecast_measured_optimistic_admits_only_with_a_margin() -> None:
@@ -486,7 +533,7 @@ def test_policy_measures_the_forecast_error_on_first_tokens() -> None:
     policy.arrive(0.3, gone)
     policy.finish("c", completed=False)
     assert policy.admission.waiting_for_first_token() == []
-    errors = policy.admission.errors
+    errors = policy.admission.errors.pooled
     assert len(errors) == 2
     # (55 ms - 15 ms) / 200 ms; the miss: (0.205 s + 15 ms of prefill - 15 ms) / 200 ms.
     assert sorted(error for _, error in errors._samples) == pytest.approx([0.2, 1.025])
