@@ -158,7 +158,7 @@ def _model() -> dict[str, Any]:
             ),
             "profile": _str(
                 "Step-time profile the SLO scheduler plans with: the name of a profile shipped "
-                "in sloserve/profiles (cpu-bench, gpu-llama-3-8b-h100-derived, ...). It also "
+                "in sloserve/profiles (cpu-bench, gpu-llama-3-8b-a100-vidur, ...). It also "
                 "gives the zero-load prefill time the TTFT budgets are checked against.",
                 minLength=1,
                 maxLength=128,

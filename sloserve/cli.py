@@ -36,6 +36,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="weight dtype (default: auto)")
     p.add_argument("--load-format", default="auto", help="'dummy' for random weights of real shape")
     p.add_argument(
+        "--reasoning-parser",
+        metavar="NAME",
+        help="vLLM's reasoning parser of the model (e.g. deepseek_r1): the scheduler learns "
+        "from it when a request's thinking ends, and holds its answer to the answer TPOT",
+    )
+    p.add_argument(
         "--cpu-cores",
         type=_cpu_cores,
         metavar="LIST",
@@ -72,6 +78,7 @@ def _engine_settings(args: argparse.Namespace) -> EngineSettings:
         dtype=args.dtype,
         load_format=args.load_format,
         cpu_cores=args.cpu_cores,
+        reasoning_parser=args.reasoning_parser,
     )
 
 
@@ -565,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     from sloserve import simulate_cli
 
     simulate_cli.add_parser(sub)
+    from sloserve.bench import published_profile
+
+    published_profile.add_parser(sub)
     from sloserve.devcluster import cli as devcluster_cli
 
     devcluster_cli.add_parser(sub)
@@ -585,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "up": _run_up,
         "bench": _run_bench,
         "simulate": _run_simulate,
+        "profile-published": published_profile.main,
         "devcluster": devcluster_cli.main,
         "operator": _run_operator,
         "crd": _run_crd,

@@ -103,6 +103,11 @@ class StepTimeModel:
             done += n
         return total
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the profile describes a CPU engine (its `hardware` names a CPU)."""
+        return "cpu" in str(self.metadata.get("hardware", "")).lower()
+
     def idle_decode_s(self, context_tokens: int = 0) -> float:
         """Time of a decode step for one request: the floor every TPOT must clear."""
         return self.predict(StepShape(tokens=1, requests=1, context_tokens=context_tokens + 1))

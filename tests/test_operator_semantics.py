@@ -65,8 +65,9 @@ def test_example_resolves_zero_load_multiples() -> None:
     assert isinstance(checked, Checked)
     ttft = {c.spec.name: c.ttft_ms for c in checked.classes}
     assert ttft["chat"] == 2000
-    # 5x the zero-load TTFT of an 8192-token prompt on the derived H100 profile (~123 ms).
-    assert 550 < ttft["coding"] < 700
+    # 5x the zero-load TTFT of an 8192-token prompt on the A100 profile (~0.8 s: Vidur's
+    # timings put Llama-3-8B prefill near 10k tokens/s on the card).
+    assert 3500 < ttft["coding"] < 4500
 
 
 def test_resolved_classes_load_as_a_sloserve_classes_file() -> None:

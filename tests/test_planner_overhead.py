@@ -13,7 +13,7 @@ from sloserve.stepmodel import shipped_profile
 
 
 def test_measure_keeps_the_load_and_times_plans_and_admissions() -> None:
-    model = shipped_profile("gpu-llama-3-8b-h100-derived")
+    model = shipped_profile("gpu-llama-3-8b-a100-vidur")
     result = planner_overhead.measure(model, running=32, steps=200)
     assert result.steps == 200 and result.arrivals > 0
     for quantiles in (result.plan_ms, result.admission_ms):
