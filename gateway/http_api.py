@@ -9,6 +9,18 @@ SLO class the tenant may not use) carry the reason in `code`; 429 (not admitted,
 over the tenant's rate limit) carries the reason in `code` and a Retry-After header; 503
 when no replica can take requests. A stream that fails after it started ends with one
 `data: {"error": ...}` event instead of `data: [DONE]`.
+
+Streams: `stream_options.include_usage` adds a last chunk with the usage; with
+`continuous_usage_stats` too, every chunk carries the cumulative usage and every token delta
+gets a chunk, even one whose text is empty (the detokenizer holding back part of a
+character), as vLLM's server does: a client then counts tokens, and times each, exactly. The
+first chunk carries the `sloserve` report of how the request is served (admitted or best
+effort), and a demotion to best effort mid-stream sends a chunk with the report again: a
+client that stops reading before the end (it has what it wanted) still knows.
+
+A client that disconnects cancels its request: the handler is cancelled (the server runs it
+with aiohttp's handler_cancellation), and with it the replica call, which aborts the request
+in the engine.
 """
 
 from __future__ import annotations
@@ -90,9 +102,10 @@ class _Generation:
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # so far; the Completion's count once it came
     admission: inference_pb2.Admission | None = None
     completion: inference_pb2.Completion | None = None
+    demoted: bool = False  # admitted, then demoted to best effort
 
     def feed(self, response: inference_pb2.GenerateResponse) -> str:
         """Takes one response; returns the text it adds."""
@@ -102,7 +115,10 @@ class _Generation:
             self.prompt_tokens = response.admission.prompt_tokens
         elif event == "delta":
             self.text += response.delta.text
+            self.completion_tokens += len(response.delta.token_ids)
             return response.delta.text
+        elif event == "demotion":
+            self.demoted = True
         elif event == "completion":
             self.completion = response.completion
             self.finish_reason = oai.FINISH_REASONS.get(response.completion.finish_reason)
@@ -120,13 +136,12 @@ class _Generation:
         """sloserve's extension of the response: how the request was served."""
         report: dict[str, Any] = {}
         if self.admission is not None:
-            report["mode"] = (
-                "best_effort"
-                if self.admission.mode == slo_pb2.ADMISSION_MODE_BEST_EFFORT
-                else "admitted"
-            )
+            best_effort = self.admission.mode == slo_pb2.ADMISSION_MODE_BEST_EFFORT
+            report["mode"] = "best_effort" if best_effort or self.demoted else "admitted"
             report["slo_class"] = self.admission.class_name
             report["request_id"] = self.admission.request_id
+        if self.demoted:
+            report["demoted"] = True
         if self.completion is not None:
             outcome = self.completion.slo_outcome
             report |= {
@@ -255,8 +270,8 @@ class HttpApi:
             "model": model,
         }
         if stream:
-            include_usage = _include_usage(body)
-            return await self._stream(http, kind, common, first, responses, include_usage)
+            usage = _stream_usage(body)
+            return await self._stream(http, kind, common, first, responses, usage)
         return await self._collect(kind, common, first, responses)
 
     def _error_response(self, error: _HttpError) -> web.Response:
@@ -296,7 +311,7 @@ class HttpApi:
         common: dict[str, Any],
         first: inference_pb2.GenerateResponse | None,
         rest: AsyncGenerator[inference_pb2.GenerateResponse, None],
-        include_usage: bool,
+        usage: _StreamUsage,
     ) -> web.StreamResponse:
         sse = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -312,18 +327,28 @@ class HttpApi:
         try:
             responses = _chain(first, rest)
             async for response in responses:
+                tokens, demoted = generation.completion_tokens, generation.demoted
                 text = generation.feed(response)
-                if text or (kind.chat and not sent_first and generation.admission is not None):
-                    await send(chunk | {"choices": [kind.chunk_choice(text, None, not sent_first)]})
-                    sent_first = True
-            await send(
-                chunk
-                | {
-                    "choices": [kind.chunk_choice("", generation.finish_reason)],
-                    "sloserve": generation.slo_report(),
-                }
-            )
-            if include_usage:
+                counted = usage.continuous and generation.completion_tokens > tokens
+                news = generation.demoted != demoted
+                chat_opens = kind.chat and not sent_first and generation.admission is not None
+                if not (text or counted or news or chat_opens):
+                    continue
+                data = chunk | {"choices": [kind.chunk_choice(text, None, not sent_first)]}
+                if news or not sent_first:
+                    data["sloserve"] = generation.slo_report()
+                if usage.continuous:
+                    data["usage"] = generation.usage()
+                await send(data)
+                sent_first = True
+            last = chunk | {
+                "choices": [kind.chunk_choice("", generation.finish_reason)],
+                "sloserve": generation.slo_report(),
+            }
+            if usage.continuous:
+                last["usage"] = generation.usage()
+            await send(last)
+            if usage.include:
                 await send(chunk | {"choices": [], "usage": generation.usage()})
             await sse.write(b"data: [DONE]\n\n")
         except GatewayError as error:
@@ -344,6 +369,16 @@ async def _chain(
         yield response
 
 
-def _include_usage(body: dict[str, Any]) -> bool:
+@dataclass(frozen=True)
+class _StreamUsage:
+    """A stream's `stream_options`, as vLLM's server reads them."""
+
+    include: bool = False  # a last chunk with the usage
+    continuous: bool = False  # the cumulative usage on every chunk (needs `include`)
+
+
+def _stream_usage(body: dict[str, Any]) -> _StreamUsage:
     options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+    if not isinstance(options, dict) or options.get("include_usage") is not True:
+        return _StreamUsage()
+    return _StreamUsage(include=True, continuous=options.get("continuous_usage_stats") is True)

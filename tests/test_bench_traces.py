@@ -6,6 +6,7 @@ The real Azure traces are used when the shared trace folder is present (SLOSERVE
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,13 @@ from sloserve.bench.traces import (
     CODE_TRACE,
     CONV_TRACE,
     TraceRow,
+    densest_stretches,
     load_trace,
     observed_rate,
     parse_timestamp_ns,
     scale_to_rate,
     trace_window,
+    window_around,
 )
 
 
@@ -84,3 +87,35 @@ def test_real_traces_match_their_readme() -> None:
     code_cv = cv(gaps([r.offset_s for r in code]))
     conv_cv = cv(gaps([r.offset_s for r in conv]))
     assert code_cv > 1.5 * conv_cv
+
+
+def test_densest_stretches_find_each_burst_once() -> None:
+    # One row a second for 200 s, with 90 more rows in [120, 130) and 40 more in [40, 45).
+    times = sorted([float(t) for t in range(200)] + [120 + i / 9 for i in range(90)])
+    times = sorted(times + [40 + i / 8 for i in range(40)])
+    rows = [TraceRow(t, 100, 10) for t in times]
+    first, second, third = densest_stretches(rows, span_s=30.0, limit=3)
+    # The densest 30 s hold the big burst and the background around it; the earliest start
+    # that holds them all wins the tie.
+    assert first.rows == 120 and first.offset_s <= 120.0 and first.offset_s + 30 >= 130.0
+    assert second.rows == 70 and second.offset_s <= 40.0 and second.offset_s + 30 >= 45.0
+    assert third.rows == 30
+    # No two overlap.
+    starts = sorted(b.offset_s for b in (first, second, third))
+    assert all(b - a >= 30.0 for a, b in itertools.pairwise(starts))
+    assert len(densest_stretches(rows[:5], span_s=30.0, limit=3)) == 1
+
+
+def test_window_around_centres_in_time_not_in_rows() -> None:
+    # 50 sparse rows (1 s apart), then 50 dense ones (0.01 s apart), then 50 sparse again.
+    times = [float(i) for i in range(50)]
+    times += [50 + i / 100 for i in range(50)]
+    times += [51 + i for i in range(50)]
+    rows = [TraceRow(t, 1, 1) for t in times]
+    start = window_around(rows, centre_s=50.25, count=60)
+    window = times[start : start + 60]
+    assert (window[0] + window[-1]) / 2 == pytest.approx(50.25, abs=1.0)
+    # Centring by rows would have put the window inside the dense stretch.
+    assert window[0] < 50 - 1 and window[-1] > 51
+    with pytest.raises(ValueError):
+        window_around(rows, 0.0, count=151)

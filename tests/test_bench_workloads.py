@@ -20,7 +20,14 @@ from sloserve.bench.arrivals import Burst
 from sloserve.bench.presets import LengthScale
 from sloserve.bench.traces import CODE_TRACE, CONV_TRACE, load_trace
 from sloserve.bench.types import BenchRequest
-from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario, with_burst
+from sloserve.bench.workloads import (
+    CODING_BURST_FACTOR,
+    REASONING_BURST_FACTOR,
+    SCENARIOS,
+    Workload,
+    build_scenario,
+    with_burst,
+)
 from sloserve.stepmodel import StepTimeModel
 
 # An engine whose idle decode step is 25 ms (a floor piece) and whose prefill costs 50 us per
@@ -251,3 +258,144 @@ def test_validate_rejects_a_forward_dependency() -> None:
     broken = replace(workload, requests=[replace(first, after=1), second, *workload.requests[2:]])
     with pytest.raises(ValueError, match="not an earlier one"):
         broken.validate()
+
+
+# -- bursts ------------------------------------------------------------------------------------
+
+
+def in_window(workload: Workload, slo_class: str | None = None) -> tuple[list[float], list[float]]:
+    """Arrivals (of `slo_class`, or all) inside and outside the scenario's burst window."""
+    window = workload.source["burst_window"]
+    start, end = window["start_s"], window["start_s"] + window["duration_s"]
+    arrivals = [
+        r.arrival_s for r in workload.requests if slo_class is None or r.slo_class == slo_class
+    ]
+    return [t for t in arrivals if start <= t < end], [t for t in arrivals if not start <= t < end]
+
+
+def test_reasoning_burst_is_a_chat_stream_with_reasoning_in_the_middle() -> None:
+    workload = build("reasoning-burst", count=3000, rate=2.0)
+    workload.validate()
+    counts = Counter(r.slo_class for r in workload.requests)
+    assert counts == {"chat": 2700, "reasoning": 300}
+    assert workload.max_tokens == {"chat": 2048, "reasoning": 16384}  # each class's own cap
+    window = workload.source["burst_window"]
+    run = workload.requests[-1].arrival_s
+    # Centred, 1/27 of the run; `rate` is the total rate over the run.
+    assert window["start_s"] + window["duration_s"] / 2 == pytest.approx(run / 2, rel=0.05)
+    assert window["duration_s"] == pytest.approx(3000 / (27 * 2.0))
+    assert len(workload.requests) / run == pytest.approx(2.0, rel=0.05)
+    # Every reasoning request arrives in the window (its Poisson tail may spill a little).
+    reasoning = [r.arrival_s for r in workload.requests if r.slo_class == "reasoning"]
+    assert min(reasoning) >= window["start_s"]
+    assert max(reasoning) <= window["start_s"] + 1.15 * window["duration_s"]
+    # Inside, reasoning arrives at 3x the chat rate; the chat stream keeps its pace throughout.
+    chat_in, chat_out = in_window(workload, "chat")
+    chat_rate_in = len(chat_in) / window["duration_s"]
+    chat_rate_out = len(chat_out) / (run - window["duration_s"])
+    assert chat_rate_out == pytest.approx(0.9 * 2.0, rel=0.1)
+    assert chat_rate_in == pytest.approx(chat_rate_out, rel=0.3)
+    reasoning_in, _ = in_window(workload, "reasoning")
+    rate_in = len(reasoning_in) / window["duration_s"]
+    assert rate_in == pytest.approx(REASONING_BURST_FACTOR * chat_rate_out, rel=0.15)
+
+
+def test_reasoning_burst_reuses_the_chatbot_and_reasoning_requests() -> None:
+    workload = build("reasoning-burst", count=1000, rate=2.0)
+    # The chat stream is the chatbot scenario at 90% of the rate, request for request.
+    chat = [r for r in workload.requests if r.slo_class == "chat"]
+    alone = build("chatbot", count=900, rate=0.9 * 2.0).requests
+    assert [(r.prompt_tokens, r.output_tokens, r.budgets) for r in chat] == [
+        (r.prompt_tokens, r.output_tokens, r.budgets) for r in alone
+    ]
+    assert [r.arrival_s for r in chat] == pytest.approx([r.arrival_s for r in alone])
+    # The reasoning requests are the reasoning scenario's lengths, thinking and budgets.
+    reasoning = [r for r in workload.requests if r.slo_class == "reasoning"]
+    reasoning_alone = build("reasoning", count=100).requests
+    assert [(r.prompt_tokens, r.output_tokens, r.budgets) for r in reasoning] == [
+        (r.prompt_tokens, r.output_tokens, r.budgets) for r in reasoning_alone
+    ]
+    assert all(r.budgets.thinking_tokens >= 1 for r in reasoning)
+
+
+def test_reasoning_burst_replays_the_conversation_trace(tmp_path: Path) -> None:
+    folder = tiny_traces(tmp_path)
+    workload = build("reasoning-burst", trace_dir=folder, count=50, rate=1.0)
+    workload.validate()
+    assert workload.source["parts"]["chat"]["trace"] == CONV_TRACE
+    assert Counter(r.slo_class for r in workload.requests) == {"chat": 45, "reasoning": 5}
+
+
+def test_synthetic_coding_burst_doubles_the_coding_rate_mid_run() -> None:
+    steady = build("coding", count=3000, rate=2.0)
+    bursty = build("coding-burst", count=3000, rate=2.0)
+    bursty.validate()
+    # The coding scenario's requests, only their arrivals warped.
+    assert [shape(r) for r in bursty.requests] == [shape(r) for r in steady.requests]
+    assert bursty.max_tokens == steady.max_tokens
+    window = bursty.source["burst_window"]
+    start, length = window["start_s"], window["duration_s"]
+    assert window["factor"] == CODING_BURST_FACTOR == 2.0
+    run = bursty.requests[-1].arrival_s
+    assert length == pytest.approx(0.2 * run)  # the middle fifth
+    assert start + length / 2 == pytest.approx(run / 2)
+    # Time runs twice as fast in the window: before it nothing moves, after it everything
+    # arrives `length` earlier, and the window holds what 2 x `length` held.
+    pairs = list(zip(steady.requests, bursty.requests, strict=True))
+    assert all(b.arrival_s == a.arrival_s for a, b in pairs if a.arrival_s <= start)
+    after = [(a, b) for a, b in pairs if a.arrival_s > start + 2 * length]
+    assert after and all(b.arrival_s == pytest.approx(a.arrival_s - length) for a, b in after)
+    inside, _ = in_window(bursty)
+    assert len(inside) == sum(
+        1 for r in steady.requests if start <= r.arrival_s < start + 2 * length
+    )
+
+
+def bursty_code_trace(folder: Path) -> Path:
+    """A code trace: one request a second for 300 s, plus 120 in [150, 160) and 40 in [50, 55)."""
+    times = [float(t) for t in range(300)]
+    times += [150 + i / 12 for i in range(120)] + [50 + i / 8 for i in range(40)]
+    rows = [
+        (f"{1_700_000_000 + t:.6f}", 1000 + i % 7, 10 + i % 5) for i, t in enumerate(sorted(times))
+    ]
+    write_trace(folder / CODE_TRACE, rows)
+    return folder
+
+
+def test_coding_burst_replays_the_code_trace_around_its_densest_burst(tmp_path: Path) -> None:
+    folder = bursty_code_trace(tmp_path)
+    workload = build("coding-burst", trace_dir=folder, count=250, rate=3.0, seed=0)
+    workload.validate()
+    assert workload.arrival == f"trace:{CODE_TRACE}"
+    window = workload.source["burst_window"]
+    assert window["rank"] == 1 and window["arrivals"] == 150  # the burst and 30 s around it
+    # The window is centred on the burst, which arrives far faster than the rest.
+    run = workload.requests[-1].arrival_s
+    assert window["start_s"] + window["duration_s"] / 2 == pytest.approx(run / 2, rel=0.1)
+    inside, outside = in_window(workload)
+    rate_in = len(inside) / window["duration_s"]
+    rate_out = len(outside) / (run - window["duration_s"])
+    assert rate_in > 3 * rate_out
+    assert window["rate_over_mean"] == pytest.approx(rate_in / 3.0, rel=0.05)
+    # The next seed replays the next burst; the seeds cycle through the candidates.
+    second = build("coding-burst", trace_dir=folder, count=250, rate=3.0, seed=1)
+    assert second.source["burst_window"]["rank"] == 2
+    assert second.source["first_row"] != workload.source["first_row"]
+    ranks = {
+        build("coding-burst", trace_dir=folder, count=250, seed=s).source["burst_window"]["rank"]
+        for s in range(12)
+    }
+    assert ranks == {1, 2, 3, 4, 5}
+    # Rate only rescales.
+    slow = build("coding-burst", trace_dir=folder, count=250, rate=1.0, seed=0)
+    assert [r.arrival_s / 3.0 for r in slow.requests] == pytest.approx(
+        [r.arrival_s for r in workload.requests]
+    )
+
+
+@pytest.mark.skipif(not (REAL_TRACES / CODE_TRACE).exists(), reason="no shared traces")
+def test_coding_burst_on_the_real_code_trace() -> None:
+    workload = build("coding-burst", trace_dir=REAL_TRACES, count=1000, rate=5.0, seed=0)
+    window = workload.source["burst_window"]
+    assert window["rank"] == 1 and window["arrivals"] > 500  # 557 requests in 30 trace-s
+    assert window["rate_over_mean"] > 5

@@ -86,6 +86,12 @@ class LengthScale:
 
 # -- SLO presets -------------------------------------------------------------------------------
 
+# The step the methodology's GPU table (§4) states its TPOTs against: a 7-13B model on one
+# datacenter GPU, where an idle decode step takes about 25 ms, so TPOT 50 ms is 2x and 100 ms
+# 4x. A GPU profile's own idle step (a few ms on an H100) would make budgets several times
+# tighter than the table's; GPU profiles therefore take their TPOTs from this step.
+GPU_TABLE_DECODE_S = 0.025
+
 # TTFT never below this many idle decode steps: a tiny prompt prefills in about one step, and
 # a budget of a few milliseconds would be missed by any request that waits behind one step.
 TTFT_FLOOR_X = 3.0
@@ -116,7 +122,10 @@ class SloReference:
     """The engine's zero-load times that SLO presets are multiples of.
 
     The idle decode step is taken at empty context: the methodology's "measured idle decode
-    step". Prefill times are memoised: workloads repeat prompt lengths.
+    step". TPOTs are multiples of `tpot_unit_s`: that step on a CPU engine (the methodology
+    keeps the GPU table's ratios there), the GPU table's own 25 ms step on a GPU
+    (GPU_TABLE_DECODE_S), so GPU budgets are the table's 50 and 100 ms. Prefill times are
+    memoised: workloads repeat prompt lengths.
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class SloReference:
         self.idle_decode_s = model.idle_decode_s()
         if not self.idle_decode_s > 0:
             raise ValueError(f"the step model predicts an idle decode of {self.idle_decode_s} s")
+        self.tpot_unit_s = self.idle_decode_s if model.on_cpu else GPU_TABLE_DECODE_S
         self.ttft_floor_s = ttft_floor_x * self.idle_decode_s
         # A serving stack's fixed cost per request (request handling, first-token streaming),
         # measured end to end at zero load and recorded in the profile: part of the zero-load
@@ -150,20 +160,26 @@ class SloReference:
         thinking = preset.thinking_tpot_x
         return Budgets(
             ttft_s=self.ttft_s(preset, prompt_tokens),
-            tpot_s=preset.tpot_x * self.idle_decode_s,
-            thinking_tpot_s=None if thinking is None else thinking * self.idle_decode_s,
+            tpot_s=preset.tpot_x * self.tpot_unit_s,
+            thinking_tpot_s=None if thinking is None else thinking * self.tpot_unit_s,
             thinking_tokens=thinking_tokens if thinking is not None else 0,
         )
+
+    @property
+    def _unit_words(self) -> str:
+        if self.model.on_cpu:
+            return "idle decode step"
+        return f"the GPU table's {GPU_TABLE_DECODE_S * 1000:g} ms step"
 
     def describe(self, preset: SloPreset) -> str:
         """The preset in words, with the engine's numbers, for a workload's `classes`."""
         words = (
             f"TTFT {preset.ttft_x:g}x zero-load prefill of the prompt "
             f"(at least {self.ttft_floor_s:.4f} s), "
-            f"TPOT {preset.tpot_x:g}x idle decode step = {preset.tpot_x * self.idle_decode_s:.4f} s"
+            f"TPOT {preset.tpot_x:g}x {self._unit_words} = {preset.tpot_x * self.tpot_unit_s:.4f} s"
         )
         if preset.thinking_tpot_x is not None:
-            thinking_s = preset.thinking_tpot_x * self.idle_decode_s
+            thinking_s = preset.thinking_tpot_x * self.tpot_unit_s
             words += f", thinking TPOT {preset.thinking_tpot_x:g}x = {thinking_s:.4f} s"
         return words
 

@@ -1,7 +1,9 @@
 """Runs a workload against a target, open loop, recording every token's arrival time.
 
 Requests are sent at their arrival offsets whatever the system's state (open loop: a slow
-system gets no relief). A follow-up round of a tool-calling session is sent `delay_s` after
+system gets no relief). A request completes when the client has received its true length
+(BenchRequest.output_tokens), which no server is told; the target then closes the stream
+(targets.py). A follow-up round of a tool-calling session is sent `delay_s` after
 its previous round completes; when that round failed, the session stops and the rounds
 never sent count as failed.
 """
@@ -11,33 +13,57 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from sloserve.bench.targets import Target
 from sloserve.bench.types import BenchRequest, RequestRecord
+from sloserve.bench.workloads import SharedPrefix
 
 FIRST_REGULAR_TOKEN = 4  # ids below are the tiny/bench tokenizers' special tokens
 
 
 class PromptBook:
-    """Deterministic prompt token ids per request; a session's rounds extend one context."""
+    """Deterministic prompt token ids per request; a session's rounds extend one context.
 
-    def __init__(self, vocab_size: int, seed: int) -> None:
+    `prefixes` (Workload.prefixes: a replayed trace's prefix hashes) give requests of one
+    group the same leading tokens, so a server's prefix cache can serve them; a later round
+    of a session extends its previous round instead (which began with the prefix already).
+    """
+
+    def __init__(
+        self, vocab_size: int, seed: int, prefixes: Mapping[int, SharedPrefix] | None = None
+    ) -> None:
         self._vocab = vocab_size
         self._seed = seed
         self._by_index: dict[int, list[int]] = {}
+        self._prefixes = prefixes or {}
+        self._groups: dict[str, list[int]] = {}
 
     def _random_ids(self, key: int, count: int) -> list[int]:
         rng = random.Random(self._seed * 1_000_003 + key)
         return [rng.randrange(FIRST_REGULAR_TOKEN, self._vocab) for _ in range(count)]
 
+    def _group_ids(self, group: str, count: int) -> list[int]:
+        """The first `count` tokens of the group's sequence. A str seed keeps the groups'
+        streams apart from the per-request ones (int seeds) and is stable across processes
+        (random.seed hashes a str with SHA-512, not with the salted hash())."""
+        ids = self._groups.get(group, [])
+        if len(ids) < count:
+            rng = random.Random(f"{self._seed}:prefix:{group}")
+            ids = [rng.randrange(FIRST_REGULAR_TOKEN, self._vocab) for _ in range(count)]
+            self._groups[group] = ids
+        return ids[:count]
+
     def prompt(self, request: BenchRequest) -> list[int]:
         if request.index in self._by_index:
             return self._by_index[request.index]
         base: list[int] = []
+        shared = self._prefixes.get(request.index)
         if request.after is not None and request.after in self._by_index:
             base = self._by_index[request.after][: request.prompt_tokens]
+        elif shared is not None:
+            base = self._group_ids(shared.group, min(shared.tokens, request.prompt_tokens))
         ids = base + self._random_ids(request.index, max(0, request.prompt_tokens - len(base)))
         self._by_index[request.index] = ids
         return ids

@@ -1,4 +1,5 @@
-"""Trace replay for benchmark workloads: reading Azure LLM inference traces, windows, rates.
+"""Trace replay for benchmark workloads: reading Azure LLM inference traces, windows, rates,
+and finding a trace's bursts.
 
 Follows the methodology (docs/slo.md §3): a trace's timestamps are re-based on its first row
 and scaled to the rate under test, which keeps the trace's burst shape.
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+
+import numpy as np
 
 CONV_TRACE = "azure-llm-2023-conv.csv"
 CODE_TRACE = "azure-llm-2023-code.csv"
@@ -147,3 +150,53 @@ def scale_to_rate(rows: Sequence[TraceRow], rate: float) -> list[TraceRow]:
         raise ValueError(f"rate must be positive, got {rate}")
     factor = observed_rate(rows) / rate
     return [replace(r, offset_s=r.offset_s * factor) for r in rows]
+
+
+# The stretch of trace time a burst is measured over: the methodology's burst lasts 30-60 s.
+BURST_SPAN_S = 30.0
+
+
+@dataclass(frozen=True)
+class TraceBurst:
+    """A stretch of `span_s` trace seconds from row `first_row`, holding `rows` arrivals."""
+
+    first_row: int
+    offset_s: float
+    span_s: float
+    rows: int
+
+    @property
+    def centre_s(self) -> float:
+        return self.offset_s + self.span_s / 2
+
+
+def densest_stretches(
+    rows: Sequence[TraceRow], *, span_s: float = BURST_SPAN_S, limit: int = 5
+) -> list[TraceBurst]:
+    """The `limit` stretches of `span_s` seconds that hold the most arrivals, densest first.
+
+    Each stretch starts at a row; no two chosen stretches overlap (a burst is found once, not
+    once per row inside it). Ties go to the earlier stretch.
+    """
+    if not span_s > 0 or limit < 1:
+        raise ValueError(f"need span_s > 0 and limit >= 1, got {span_s}, {limit}")
+    times = np.array([r.offset_s for r in rows])
+    held = np.searchsorted(times, times + span_s, side="left") - np.arange(len(times))
+    chosen: list[TraceBurst] = []
+    for i in np.argsort(-held, kind="stable"):
+        start = float(times[i])
+        if all(abs(start - c.offset_s) >= span_s for c in chosen):
+            chosen.append(TraceBurst(int(i), start, span_s, int(held[i])))
+            if len(chosen) == limit:
+                break
+    return chosen
+
+
+def window_around(rows: Sequence[TraceRow], centre_s: float, count: int) -> int:
+    """The first row of the `count` consecutive rows whose time span is centred nearest
+    `centre_s`: in time, not in rows, so a dense burst is not pushed to one side."""
+    if not 1 <= count <= len(rows):
+        raise ValueError(f"a window of {count} rows from a trace of {len(rows)}")
+    times = np.array([r.offset_s for r in rows])
+    middles = (times[: len(times) - count + 1] + times[count - 1 :]) / 2
+    return int(np.argmin(np.abs(middles - centre_s)))

@@ -1,18 +1,30 @@
-"""Benchmark workloads: the scenarios and the request streams they build.
+"""Benchmark workloads: the scenarios and the request streams they build, and the replay of a
+user's trace file (replay_user_trace; the format: sloserve.bench.user_trace).
 
 Follows the methodology (docs/slo.md §3-4), with arrival processes from
 sloserve.bench.arrivals, trace replay from sloserve.bench.traces, and length scaling and SLO
-presets from sloserve.bench.presets. Two properties hold for everything built here:
+presets from sloserve.bench.presets. These properties hold for everything built here:
 
 - Seeded and reproducible: the same arguments give an identical workload, so every system
   under comparison gets the same request stream (§3).
 - Rate only moves arrivals: lengths, classes, budgets and request order are drawn from random
   streams that never see the rate. Every part is built at unit rate and its arrivals divided
   by the rate at the end. So a capacity search compares the same requests at every rate.
+- No oracle (methodology §5): a request's `max_tokens` is its class's cap, the smallest power
+  of two at least the longest output the class can produce in the scenario after length
+  scaling (`client_cap` of the length distribution's cap, or of the trace's longest output),
+  the same for every request of the class; clipped only where the model's context leaves less
+  room after the prompt, as a client must clip it (servers refuse prompt + max_tokens beyond
+  the context). The true length (`output_tokens`) stays on the client's side.
 
 Each part of a workload draws from its own named stream (`_rng(seed, part, purpose)`), so
-adding a draw to one part never shifts another part's numbers, and the mixed scenario's chat
-part holds the same requests as the chatbot scenario at the same seed.
+adding a draw to one part never shifts another part's numbers, and the mixed and
+reasoning-burst scenarios' chat parts hold the same requests as the chatbot scenario at the
+same seed.
+
+A scenario's burst (reasoning-burst, coding-burst) is part of its shape, in unit time, so the
+rate rescales it with everything else; `with_burst` (the CLIs' --burst-*) is the methodology's
+burst test instead, a window of fixed seconds laid over any workload at the rate under test.
 """
 
 from __future__ import annotations
@@ -43,11 +55,20 @@ from sloserve.bench.traces import (
     CODE_TRACE,
     CONV_TRACE,
     TraceRow,
+    densest_stretches,
     load_trace,
     observed_rate,
     trace_window,
+    window_around,
 )
-from sloserve.bench.types import BenchRequest
+from sloserve.bench.types import BenchRequest, client_cap
+from sloserve.bench.user_trace import (
+    DEFAULT_MAX_ROWS,
+    TraceFormat,
+    UserTrace,
+    UserTraceRow,
+    read_user_trace,
+)
 from sloserve.slo import Budgets
 from sloserve.stepmodel import StepTimeModel
 
@@ -70,13 +91,27 @@ def _rng(seed: int, *names: str) -> np.random.Generator:
 
 
 @dataclass(frozen=True)
+class SharedPrefix:
+    """The leading `tokens` prompt tokens a request shares with every request of `group`
+    (a trace's `prefix_hash`): the prompt builder (runner.PromptBook) gives them one token
+    sequence, so a server's prefix cache can reuse it."""
+
+    group: str
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Workload:
     """A benchmark's request stream and what it was built from (all of it goes into results).
 
     `requests` are indexed 0..n-1 in arrival order. `rate` is requests/s as each scenario
     defines it (see its docstring); `arrival` names the arrival process; `scaling` is the
     LengthScale plus how many requests a cap clipped; `source` says where lengths and arrivals
-    came from (trace file and window, or synthetic distributions).
+    came from (trace file and window, or synthetic distributions); `max_tokens` is each
+    class's cap as clients send it (before clipping to the context; see the module docstring).
+    `prefixes` maps a request's index to the prompt prefix it shares with others (replayed
+    traces with prefix hashes; empty elsewhere). It lives here rather than on BenchRequest
+    because only the prompt builder reads it: no server and no judge is told.
     """
 
     name: str
@@ -87,6 +122,8 @@ class Workload:
     rate: float
     arrival: str
     source: dict[str, Any] = field(default_factory=dict)
+    max_tokens: dict[str, int] = field(default_factory=dict)
+    prefixes: dict[int, SharedPrefix] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """Everything but the requests themselves."""
@@ -99,6 +136,15 @@ class Workload:
             "rate": self.rate,
             "arrival": self.arrival,
             "source": dict(self.source),
+            "max_tokens": dict(self.max_tokens),
+            **({"shared_prefixes": self._describe_prefixes()} if self.prefixes else {}),
+        }
+
+    def _describe_prefixes(self) -> dict[str, int]:
+        return {
+            "requests": len(self.prefixes),
+            "groups": len({p.group for p in self.prefixes.values()}),
+            "tokens": sum(p.tokens for p in self.prefixes.values()),
         }
 
     def validate(self) -> None:
@@ -115,6 +161,8 @@ def _validate_request(requests: Sequence[BenchRequest], position: int, r: BenchR
         raise ValueError(f"request {position} arrives before request {position - 1}")
     if r.prompt_tokens < 1 or r.output_tokens < 1:
         raise ValueError(f"request {position} has an empty prompt or output")
+    if r.max_tokens < r.output_tokens:
+        raise ValueError(f"request {position}'s max_tokens cuts its output short")
     r.budgets.validate(f"requests[{position}].budgets")
     if r.after is not None:
         if not 0 <= r.after < position:
@@ -147,6 +195,12 @@ class _Part:
     classes: dict[str, str]
     source: dict[str, Any]
     clipped: int
+    # The longest output the class can produce here, scaled: its client cap's basis.
+    longest_output: int
+
+    @property
+    def max_tokens(self) -> dict[str, int]:
+        return {name: client_cap(self.longest_output) for name in self.classes}
 
 
 @dataclass(frozen=True)
@@ -211,6 +265,11 @@ def _scaled_pairs(
     return pairs, clipped
 
 
+def _longest_output(scale: LengthScale, tokens: int) -> int:
+    """The longest output of `tokens` becomes on the engine (LengthScale.apply's output)."""
+    return scale.apply(1, tokens)[1]
+
+
 def _simple_part(
     spec: _Spec,
     class_name: str,
@@ -233,19 +292,40 @@ def _trace_part(spec: _Spec, part: str, file: str, class_name: str, preset: SloP
     The seed picks where the window starts, so several seeds replay different stretches of
     the trace (the methodology runs 3 seeds); the rate only rescales the window's timestamps.
     """
+    rows = _load_for(spec, file)
+    start = int(_rng(spec.seed, part, "window").integers(0, len(rows) - spec.count + 1))
+    return _window_part(spec, file, rows, start, class_name, preset)
+
+
+def _load_for(spec: _Spec, file: str) -> list[TraceRow]:
+    """The trace `file` from the spec's folder, checked to hold the spec's count."""
     assert spec.trace_dir is not None
     path = spec.trace_dir / file
     rows = load_trace(path)
     if spec.count > len(rows):
         raise ValueError(f"{path} has {len(rows)} requests; {spec.count} asked for")
-    start = int(_rng(spec.seed, part, "window").integers(0, len(rows) - spec.count + 1))
+    return rows
+
+
+def _window_part(
+    spec: _Spec,
+    file: str,
+    rows: Sequence[TraceRow],
+    start: int,
+    class_name: str,
+    preset: SloPreset,
+) -> _Part:
+    """The spec's count of trace rows from row `start`, at unit mean rate."""
     window = trace_window(rows[start:], count=spec.count)
     rate = _replay_rate(window, rows)
     arrivals = [r.offset_s * rate for r in window]  # unit mean rate
     lengths = ([r.prompt_tokens for r in window], [r.output_tokens for r in window])
     drafts, clipped = _simple_part(spec, class_name, preset, lengths, arrivals)
     source = {"trace": file, "first_row": start, "rows": len(window), "trace_rate": rate}
-    return _Part(drafts, f"trace:{file}", {class_name: spec.ref.describe(preset)}, source, clipped)
+    # The whole trace's longest output, not the window's: a client's cap is set once.
+    longest = _longest_output(spec.scale, max(r.output_tokens for r in rows))
+    classes = {class_name: spec.ref.describe(preset)}
+    return _Part(drafts, f"trace:{file}", classes, source, clipped, longest)
 
 
 def _replay_rate(window: Sequence[TraceRow], rows: Sequence[TraceRow]) -> float:
@@ -274,7 +354,9 @@ def _synthetic_part(
     arrivals = unit_offsets(_rng(spec.seed, part, "arrivals"), spec.count, gaps)
     drafts, clipped = _simple_part(spec, class_name, preset, lengths, arrivals)
     source = {"synthetic": {"prompt": dists[0].describe(), "output": dists[1].describe()}}
-    return _Part(drafts, arrival, {class_name: spec.ref.describe(preset)}, source, clipped)
+    classes = {class_name: spec.ref.describe(preset)}
+    longest = _longest_output(spec.scale, dists[1].cap)
+    return _Part(drafts, arrival, classes, source, clipped, longest)
 
 
 def _chat_part(spec: _Spec) -> _Part:
@@ -299,22 +381,27 @@ def _summarization_part(spec: _Spec) -> _Part:
     )
 
 
-def _split_thinking(output: int, thinking: int, answer: int) -> int:
+def _split_thinking(output: int, thinking: float, answer: float) -> int:
     """Thinking tokens of a scaled output, in the drawn proportion; at least one answer token."""
     if output < 2:
         return 0
     return min(output - 1, max(1, round_half_up(output * thinking / (thinking + answer))))
 
 
-def _reasoning_part(spec: _Spec) -> _Part:
-    """Short prompts, long outputs: thinking then answer, one TPOT each."""
+def _reasoning_part(
+    spec: _Spec, arrivals: Sequence[float] | None = None, arrival: str = "poisson"
+) -> _Part:
+    """Short prompts, long outputs: thinking then answer, one TPOT each. `arrivals` (unit
+    time, one per request) replace the Poisson arrivals, described by `arrival`."""
     rng = _rng(spec.seed, "reasoning", "lengths")
     prompts = REASONING_PROMPT.sample(rng, spec.count)
     thinking = REASONING_THINKING.sample(rng, spec.count)
     answers = REASONING_ANSWER.sample(rng, spec.count)
     totals = [t + a for t, a in zip(thinking, answers, strict=True)]
     pairs, clipped = _scaled_pairs(spec, prompts, totals)
-    arrivals = unit_offsets(_rng(spec.seed, "reasoning", "arrivals"), spec.count, exponential_gaps)
+    if arrivals is None:
+        rng = _rng(spec.seed, "reasoning", "arrivals")
+        arrivals = unit_offsets(rng, spec.count, exponential_gaps)
     drafts: list[_Draft] = []
     for t, (p, o), th, an in zip(arrivals, pairs, thinking, answers, strict=True):
         budgets = spec.ref.budgets(REASONING, p, thinking_tokens=_split_thinking(o, th, an))
@@ -327,7 +414,8 @@ def _reasoning_part(spec: _Spec) -> _Part:
         }
     }
     classes = {"reasoning": spec.ref.describe(REASONING)}
-    return _Part(drafts, "poisson", classes, source, clipped)
+    longest = _longest_output(spec.scale, REASONING_THINKING.cap + REASONING_ANSWER.cap)
+    return _Part(drafts, arrival, classes, source, clipped, longest)
 
 
 # -- tool calling ------------------------------------------------------------------------------
@@ -456,7 +544,10 @@ def _tool_part(spec: _Spec) -> _Part:
             "final_output": TOOL_FINAL_OUTPUT.describe(),
         },
     }
-    return _Part(drafts, "poisson sessions", classes, source, clipped)
+    # A tool call or a final answer: the agent cannot tell which the model will write, so one
+    # cap covers both.
+    longest = max(_longest_output(spec.scale, d.cap) for d in (TOOL_CALL_OUTPUT, TOOL_FINAL_OUTPUT))
+    return _Part(drafts, "poisson sessions", classes, source, clipped, longest)
 
 
 def _session_drafts(
@@ -500,13 +591,17 @@ _PARTS: dict[str, PartBuilder] = {
 
 
 def _merge(
-    parts: Sequence[tuple[_Part, float]], rate: float, phases: Sequence[float] | None = None
+    parts: Sequence[tuple[_Part, float]],
+    rate: float,
+    scale: LengthScale,
+    phases: Sequence[float] | None = None,
 ) -> list[BenchRequest]:
     """Merges parts, each running at `share` x `rate`, into one stream indexed by arrival.
 
     Order is decided in rate-free time (unit arrival / share), so it is the same at every
     rate; ties keep part order, then draft order (a session's rounds stay in order). `phases`
     shift each part's start (in unit time), so independent parts do not all arrive at once.
+    Each request's max_tokens is its part's cap, clipped to the context `scale` leaves.
     """
     shifts = phases or [0.0] * len(parts)
     keyed = [
@@ -516,6 +611,13 @@ def _merge(
     ]
     keyed.sort(key=lambda k: k[:3])
     index_of = {(p, i): n for n, (_, p, i, _) in enumerate(keyed)}
+    caps = [client_cap(part.longest_output) for part, _ in parts]
+
+    def max_tokens(p: int, prompt_tokens: int) -> int:
+        if scale.max_model_len is None:
+            return caps[p]
+        return min(caps[p], scale.max_model_len - prompt_tokens)
+
     return [
         BenchRequest(
             index=n,
@@ -528,6 +630,7 @@ def _merge(
             round=d.round,
             after=None if d.after is None else index_of[(p, d.after)],
             delay_s=d.delay_s,
+            max_tokens=max_tokens(p, d.prompt_tokens),
         )
         for n, (key, p, _, d) in enumerate(keyed)
     ]
@@ -556,13 +659,14 @@ def _single(
     part = _PARTS[name](spec)
     return Workload(
         name=name,
-        requests=_merge([(part, 1.0)], rate),
+        requests=_merge([(part, 1.0)], rate, scale),
         classes=part.classes,
         scaling=scale.describe() | {"clipped_requests": part.clipped},
         seed=seed,
         rate=rate,
         arrival=part.arrival,
         source=part.source,
+        max_tokens=part.max_tokens,
     )
 
 
@@ -585,7 +689,8 @@ _SCENARIO_DOCS = {
     "reasoning": (
         "Reasoning: short prompts, long outputs of thinking then answer; Poisson at `rate` "
         "requests/s (`trace_dir` unused). Class 'reasoning': TTFT 3x, thinking TPOT 2x, answer 4x; "
-        "Budgets.thinking_tokens is each request's own thinking length."
+        "Budgets.thinking_tokens is each request's own thinking length, for the judge (where "
+        "the thinking TPOT ends); no server is told it."
     ),
     "tool-calling": (
         "Tool-calling agents: sessions of 2-6 rounds, tool delays of 0.2-2 s between rounds, the "
@@ -648,6 +753,7 @@ def mixed(
         requests=_merge(
             [(part, share) for part in built.values()],
             rate,
+            scale,
             # Each part starts one random mean gap in, as independent applications would.
             phases=_rng(seed, "mixed-phase").uniform(0.0, 1.0, len(built)).tolist(),
         ),
@@ -660,7 +766,350 @@ def mixed(
             "split": "even",
             "parts": {n: p.source | {"requests": len(p.drafts)} for n, p in built.items()},
         },
+        max_tokens={k: v for part in built.values() for k, v in part.max_tokens.items()},
     )
+
+
+# -- bursts --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BurstWindow:
+    """Where a scenario's burst lies, in its unit time, for the results."""
+
+    start: float
+    length: float
+    about: dict[str, Any]  # what is dense in it, and how dense
+
+    def describe(self, share: float, rate: float) -> dict[str, Any]:
+        """In seconds of the run, for a part merged at `share` of `rate`: the start is computed
+        as _merge computes arrivals, so the first arrival in the window compares equal."""
+        start = self.start / share / rate
+        end = (self.start + self.length) / share / rate
+        return {"start_s": start, "duration_s": end - start} | self.about
+
+
+# reasoning-burst: one request in ten is a reasoning request, and all of them arrive in a
+# window in the middle of a steady chat stream, at three times the chat stream's rate. The
+# window then takes 1/27 of the run: 37-62 s for 1,000 requests at 1-0.6 req/s (the simulated
+# A100's capacity for it is ~0.6 req/s). A reasoning request decodes ~7x a chat request's
+# tokens, so the window carries ~20x the chat stream's decode work.
+REASONING_BURST_SHARE = 0.1
+REASONING_BURST_FACTOR = 3.0
+
+
+def reasoning_burst(
+    model: StepTimeModel,
+    rate: float,
+    count: int,
+    seed: int = 0,
+    scale: LengthScale | None = None,
+    trace_dir: Path | None = None,
+    chunk_tokens: int = 2048,
+) -> Workload:
+    """A reasoning burst over a steady chat stream, the kind of burst SLOs-Serve (arXiv
+    2504.08784) evaluates; the mix and shape below are this benchmark's.
+
+    The chat stream is the chatbot scenario's (the Azure conversation trace when `trace_dir`
+    is given, else its synthetic stand-in) with 90% of `count`; the other 10% are reasoning
+    requests (the reasoning scenario's lengths and class: thinking TPOT 2x, answer 4x) that
+    arrive as a Poisson process at 3x the chat stream's rate, in a window centred in the run
+    (1/27 of it). `rate` is the total offered rate, requests / run, with this mix and shape
+    fixed: the chat stream runs at 0.9 x `rate`, the reasoning arrivals at 2.7 x `rate` inside
+    the window, and the window lasts count / (27 x `rate`) s (37 s for 1,000 requests
+    at 1 req/s). The rate only rescales arrivals; the window's place in seconds is in
+    `source["burst_window"]`.
+    """
+    _check_args(rate, count)
+    scale = scale or LengthScale()
+    ref = SloReference(model, chunk_tokens)
+    reasoning_count = round_half_up(count * REASONING_BURST_SHARE)
+    chat = _chat_part(_Spec(ref, count - reasoning_count, seed, scale, trace_dir))
+    # Both parts are laid out in the chat stream's unit time (one chat request per unit).
+    chat_span = chat.drafts[-1].unit_arrival if chat.drafts else 0.0
+    window = _BurstWindow(
+        start=0.0,
+        length=reasoning_count / REASONING_BURST_FACTOR,
+        about={"class": "reasoning", "factor": REASONING_BURST_FACTOR, "against": "chat rate"},
+    )
+    window = replace(window, start=max(0.0, (chat_span - window.length) / 2))
+    offsets = unit_offsets(
+        _rng(seed, "reasoning-burst", "arrivals"), reasoning_count, exponential_gaps
+    )
+    reasoning = _reasoning_part(
+        _Spec(ref, reasoning_count, seed, scale, None),
+        arrivals=[window.start + t / REASONING_BURST_FACTOR for t in offsets],
+        arrival=f"poisson at {REASONING_BURST_FACTOR:g}x the chat rate, mid-run",
+    )
+    # The chat stream carries the run's length: at a share of 90% of the rate, `count`
+    # requests arrive over the chat stream's span at `rate` in all.
+    share = (count - reasoning_count) / count if count else 1.0
+    parts = {"chat": chat, "reasoning": reasoning}
+    return Workload(
+        name="reasoning-burst",
+        requests=_merge([(part, share) for part in parts.values()], rate, scale),
+        classes=chat.classes | reasoning.classes,
+        scaling=scale.describe() | {"clipped_requests": chat.clipped + reasoning.clipped},
+        seed=seed,
+        rate=rate,
+        arrival=f"chat={chat.arrival}; reasoning={reasoning.arrival}",
+        source={
+            "mix": {"reasoning_share": REASONING_BURST_SHARE, "factor": REASONING_BURST_FACTOR},
+            "parts": {n: p.source | {"requests": len(p.drafts)} for n, p in parts.items()},
+            "burst_window": window.describe(share, rate),
+        },
+        max_tokens=chat.max_tokens | reasoning.max_tokens,
+    )
+
+
+# coding-burst with the code trace: a window around one of the trace's densest 30-s stretches
+# (traces.densest_stretches); the seed picks which of this many, so the methodology's three
+# seeds replay three different bursts.
+CODING_BURST_CANDIDATES = 5
+# coding-burst without the trace: the synthetic stand-in under the methodology's burst test,
+# its rate doubled over the middle fifth of the run (30-60 s of the 150-300 s that 1,000
+# requests take at 3-7 req/s).
+CODING_BURST_FACTOR = 2.0
+CODING_BURST_FRACTION = 0.2
+
+
+def coding_burst(
+    model: StepTimeModel,
+    rate: float,
+    count: int,
+    seed: int = 0,
+    scale: LengthScale | None = None,
+    trace_dir: Path | None = None,
+    chunk_tokens: int = 2048,
+) -> Workload:
+    """Code completion through a burst, class 'coding' (TTFT 5x, TPOT 2x).
+
+    With `trace_dir`: `count` rows of the Azure code trace centred (in time) on one of its 5
+    densest 30-s stretches (seed 0 the densest, seed 1 the next, ..., seed 5 the densest
+    again), replayed with the trace's own shape. Such a stretch holds 330-557 requests, 4-7x
+    the trace's mean rate: with fewer than about 1,000 requests the window is mostly burst.
+    Without: the coding scenario's synthetic stream with its rate doubled over the middle
+    fifth of the run (methodology: burst test).
+    `rate` is the mean rate over the run, burst included; the rate only rescales arrivals.
+    `source["burst_window"]` says where the burst is, in seconds, and how dense.
+    """
+    _check_args(rate, count)
+    scale = scale or LengthScale()
+    spec = _Spec(SloReference(model, chunk_tokens), count, seed, scale, trace_dir)
+    part, window = _coding_burst_replay(spec) if trace_dir else _coding_burst_synthetic(spec)
+    return Workload(
+        name="coding-burst",
+        requests=_merge([(part, 1.0)], rate, scale),
+        classes=part.classes,
+        scaling=scale.describe() | {"clipped_requests": part.clipped},
+        seed=seed,
+        rate=rate,
+        arrival=part.arrival,
+        source=part.source | {"burst_window": window.describe(1.0, rate)},
+        max_tokens=part.max_tokens,
+    )
+
+
+def _coding_burst_synthetic(spec: _Spec) -> tuple[_Part, _BurstWindow]:
+    part = _coding_part(replace(spec, trace_dir=None))
+    base = [d.unit_arrival for d in part.drafts]
+    end = base[-1] if base else 0.0
+    factor, fraction = CODING_BURST_FACTOR, CODING_BURST_FRACTION
+    about = {"factor": factor, "against": "steady rate"}
+    if not end > 0:  # one request, or none: no run to burst in
+        return part, _BurstWindow(0.0, 0.0, about)
+    # The warp shortens the run by (factor - 1) x length: solve for a window of `fraction`
+    # of the warped run.
+    burst = Burst(factor, duration_s=fraction * end / (1 + fraction * (factor - 1)))
+    start, length = burst.window_for_base(end)
+    warped = burst.warp(base, (start, length))
+    drafts = [replace(d, unit_arrival=t) for d, t in zip(part.drafts, warped, strict=True)]
+    part = replace(part, drafts=drafts, arrival=f"{part.arrival} + burst x{factor:g}")
+    return part, _BurstWindow(start, length, about)
+
+
+def _coding_burst_replay(spec: _Spec) -> tuple[_Part, _BurstWindow]:
+    rows = _load_for(spec, CODE_TRACE)
+    if spec.count < 1:
+        return _window_part(spec, CODE_TRACE, rows, 0, "coding", CODING), _BurstWindow(0, 0, {})
+    bursts = densest_stretches(rows, limit=CODING_BURST_CANDIDATES)
+    rank = spec.seed % len(bursts)
+    burst = bursts[rank]
+    start = window_around(rows, burst.centre_s, spec.count)
+    part = _window_part(spec, CODE_TRACE, rows, start, "coding", CODING)
+    # The stretch in the window's unit time, cut to the window (a small window sits inside it).
+    unit = float(part.source["trace_rate"])
+    arrivals = [d.unit_arrival for d in part.drafts]
+    low = max(0.0, (burst.offset_s - rows[start].offset_s) * unit)
+    high = min(arrivals[-1], low + burst.span_s * unit)
+    # Counted in trace time, as densest_stretches counts (no rounding at the edges).
+    window = rows[start : start + spec.count]
+    end_s = burst.offset_s + burst.span_s
+    inside = sum(1 for r in window if burst.offset_s <= r.offset_s < end_s)
+    mean = (len(arrivals) - 1) / arrivals[-1] if arrivals[-1] > 0 else 0.0
+    about = {
+        "rank": rank + 1,
+        "trace_offset_s": burst.offset_s,
+        "arrivals": inside,
+        # The window's arrival rate during the stretch over its mean rate.
+        "rate_over_mean": inside / (high - low) / mean if high > low and mean > 0 else None,
+    }
+    return part, _BurstWindow(low, high - low, about)
+
+
+# -- a user's trace ------------------------------------------------------------------------------
+
+# The SLO classes a trace file may name (user_trace.py), with their presets as the scenarios
+# use them. A tool-calling session's last round takes TOOL_FINAL, its other rounds (and a
+# tool-calling row without a session) TOOL_LOOP.
+TRACE_CLASSES: dict[str, SloPreset] = {
+    "chat": CHAT,
+    "coding": CODING,
+    "summarization": SUMMARIZATION,
+    "reasoning": REASONING,
+    "tool-calling": TOOL_LOOP,
+}
+# A row that names no class: the replicas' default class (sloserve/default_classes.yaml).
+DEFAULT_TRACE_CLASS = "chat"
+
+
+def read_trace_file(
+    path: Path, fmt: TraceFormat | None = None, max_rows: int = DEFAULT_MAX_ROWS
+) -> UserTrace:
+    """A user's trace file (format: user_trace.py), checked against the classes above."""
+    return read_user_trace(
+        path, classes=TRACE_CLASSES, default_class=DEFAULT_TRACE_CLASS, fmt=fmt, max_rows=max_rows
+    )
+
+
+def replay_user_trace(
+    trace: UserTrace,
+    model: StepTimeModel,
+    rate: float,
+    count: int,
+    seed: int = 0,
+    scale: LengthScale | None = None,
+    chunk_tokens: int = 2048,
+) -> Workload:
+    """The trace's first `count` requests by arrival (all of them when it has fewer).
+
+    Timestamps are scaled so the replayed rows' mean rate, (rows - 1) / span, is `rate`: the
+    trace's shape, bursts included, is kept. Lengths are scaled like every scenario's; budgets
+    come from each row's class (TRACE_CLASSES). A session's first round arrives at its time;
+    each later round is sent once the round before it completes, after a delay of the gap
+    between the two rounds' arrivals in the file, scaled with the timestamps (the file's gap
+    holds the original service time too, so a replayed session never runs ahead of its
+    original pace). A reasoning row without `thinking_tokens` thinks for the reasoning
+    scenario's median share of its output (80%). `seed` changes no request here (the file is
+    the workload); it is recorded, and seeds the prompt tokens as everywhere.
+    """
+    _check_args(rate, count)
+    scale = scale or LengthScale()
+    ref = SloReference(model, chunk_tokens)
+    rows = trace.rows[:count]
+    offsets = trace.offsets_s(rows)
+    to_run_s = _user_trace_rate(trace, offsets) / rate  # trace seconds to seconds of the run
+    lengths = [scale.apply(r.input_tokens, r.output_tokens) for r in rows]
+    # A class's cap comes from every row read, not only those replayed: a client sets it once.
+    used = sorted({r.slo_class for r in rows})
+    caps = {c: client_cap(_longest_output(scale, trace.longest_output[c])) for c in used}
+    last_round = {r.session: i for i, r in enumerate(rows) if r.session is not None}
+    sessions: dict[str, int] = {}  # the file's session keys, numbered in order of arrival
+    latest: dict[str, int] = {}  # per session: the index of its latest round so far
+    requests: list[BenchRequest] = []
+    for i, (r, offset, (prompt, output)) in enumerate(zip(rows, offsets, lengths, strict=True)):
+        after = session = None
+        ends_session = False  # the last round of a session of several
+        if r.session is not None:
+            after = latest.get(r.session)
+            session = sessions.setdefault(r.session, len(sessions))
+            latest[r.session] = i
+            ends_session = after is not None and last_round[r.session] == i
+        preset = TRACE_CLASSES[r.slo_class]
+        if r.slo_class == "tool-calling" and ends_session:
+            preset = TOOL_FINAL
+        cap = caps[r.slo_class]
+        if scale.max_model_len is not None:
+            cap = min(cap, scale.max_model_len - prompt)
+        requests.append(
+            BenchRequest(
+                index=i,
+                slo_class=r.slo_class,
+                budgets=ref.budgets(preset, prompt, _trace_thinking(preset, r, output)),
+                prompt_tokens=prompt,
+                output_tokens=output,
+                # A later round's own time in the file; the runners send it on `after` instead.
+                arrival_s=offset * to_run_s,
+                session=session,
+                round=0 if after is None else requests[after].round + 1,
+                after=after,
+                delay_s=0.0 if after is None else (offset - offsets[after]) * to_run_s,
+                max_tokens=cap,
+            )
+        )
+    source = {"rows": len(rows), "requested": count, "sessions": len(sessions)}
+    return Workload(
+        name=f"trace:{trace.path.name}",
+        requests=requests,
+        classes={c: _describe_trace_class(ref, c) for c in used},
+        scaling=scale.describe()
+        | {"clipped_requests": sum(scale.clipped(r.input_tokens, r.output_tokens) for r in rows)},
+        seed=seed,
+        rate=rate,
+        arrival=f"trace:{trace.path.name}",
+        source=trace.describe() | source | {"trace_rate": to_run_s * rate},
+        max_tokens=caps,
+        prefixes=_trace_prefixes(trace, rows, [prompt for prompt, _ in lengths], scale),
+    )
+
+
+def _trace_thinking(preset: SloPreset, row: UserTraceRow, output: int) -> int:
+    """A reasoning row's thinking tokens after length scaling: its own share of its output,
+    else the reasoning scenario's median share; at least one thinking and one answer token."""
+    if preset.thinking_tpot_x is None:
+        return 0
+    if row.thinking_tokens is None:
+        return _split_thinking(output, REASONING_THINKING.median, REASONING_ANSWER.median)
+    return _split_thinking(output, row.thinking_tokens, row.output_tokens - row.thinking_tokens)
+
+
+def _trace_prefixes(
+    trace: UserTrace, rows: Sequence[UserTraceRow], prompts: Sequence[int], scale: LengthScale
+) -> dict[int, SharedPrefix]:
+    """Per replayed request with a prefix hash: the prefix it shares, scaled with the prompt.
+    Without `prefix_tokens`, the shortest prompt of the hash among every row read (the longest
+    prefix all of them hold), so it does not depend on how many rows a load point replays."""
+    prefixes: dict[int, SharedPrefix] = {}
+    for i, (r, prompt) in enumerate(zip(rows, prompts, strict=True)):
+        if r.prefix_hash is None:
+            continue
+        shared = (
+            trace.shortest_prompt[r.prefix_hash] if r.prefix_tokens is None else r.prefix_tokens
+        )
+        # Never more than the request's own (scaled, fitted) prompt.
+        prefixes[i] = SharedPrefix(r.prefix_hash, min(prompt, scale.prompt(shared)))
+    return prefixes
+
+
+def _user_trace_rate(trace: UserTrace, offsets: Sequence[float]) -> float:
+    """The replayed rows' mean rate, else (they arrive at once) every row read's."""
+    if len(offsets) >= 2 and offsets[-1] > 0:
+        return (len(offsets) - 1) / offsets[-1]
+    if len(offsets) < 2:
+        return 1.0  # a single request: no gaps to scale
+    everything = trace.offsets_s()
+    if len(everything) >= 2 and everything[-1] > 0:
+        return (len(everything) - 1) / everything[-1]
+    raise ValueError(f"{trace.path}: every request arrives at once: there is no rate to scale")
+
+
+def _describe_trace_class(ref: SloReference, name: str) -> str:
+    if name == "tool-calling":
+        return (
+            f"per round: {ref.describe(TOOL_LOOP)}; "
+            f"last round of a session: {ref.describe(TOOL_FINAL)}"
+        )
+    return ref.describe(TRACE_CLASSES[name])
 
 
 class Scenario(Protocol):
@@ -679,6 +1128,8 @@ class Scenario(Protocol):
 SCENARIOS: dict[str, Scenario] = {
     **{name: _single_scenario(name) for name in _SCENARIO_DOCS},
     "mixed": mixed,
+    "reasoning-burst": reasoning_burst,
+    "coding-burst": coding_burst,
 }
 
 
