@@ -20,24 +20,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sloserve.bench import report
+from sloserve.bench import report, workload_options
 from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.cli import CPU_LENGTH_SCALE, FULL
 from sloserve.bench.presets import LengthScale
-from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
+from sloserve.bench.workloads import Workload
 from sloserve.gateway.routing import POLICIES as ROUTINGS
 from sloserve.simulator import SimResult, SimStats, simulate
 from sloserve.simulator_cluster import simulate_cluster
-from sloserve.simulator_policies import FCFS_BUDGETS, POLICIES, EngineLimits
+from sloserve.simulator_policies import (
+    POLICIES,
+    VLLM_DEFAULT,
+    VLLM_STANDINS,
+    VLLM_TUNED,
+    EngineLimits,
+    vllm_standins,
+)
 from sloserve.stepmodel import StepTimeModel, shipped_profile
 
 DEFAULT_PROFILE = "cpu-bench"
 DEFAULT_REQUESTS = 1000
-# KV capacity when neither --kv-tokens nor the profile says: the bench model (6 layers x 384
-# hidden, bf16: 2 x 6 x 384 x 2 = 9,216 bytes per token) in the 1 GiB cache that `bench
-# compare` gives every system; roomy enough for the GPU profiles' workloads too.
+# KV capacity when neither --kv-tokens nor the profile (engine.kv_capacity_tokens) says: the
+# bench model (6 layers x 384 hidden, bf16: 2 x 6 x 384 x 2 = 9,216 bytes per token) in the
+# 1 GiB cache that `bench compare` gives every system.
 DEFAULT_KV_TOKENS = (1 << 30) // 9216
+# `--policy` names these groups as well as single policies: every policy, every stand-in for
+# stock vLLM (its default and its tuned variants), the tuned variants alone.
+POLICY_GROUPS = {"all": POLICIES, "vllm": VLLM_STANDINS, "vllm-tuned": VLLM_TUNED}
 
 
 def _progress(message: str) -> None:
@@ -49,6 +59,17 @@ def _profile(args: argparse.Namespace) -> tuple[StepTimeModel, str]:
         return StepTimeModel.load(args.profile), str(args.profile)
     name = args.profile_name or DEFAULT_PROFILE
     return shipped_profile(name), name
+
+
+def _policies(text: str) -> list[str]:
+    """`--policy`: comma-separated policies and groups (POLICY_GROUPS), in the order given."""
+    names: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part not in POLICIES and part not in POLICY_GROUPS:
+            known = ", ".join([*POLICY_GROUPS, *POLICIES])
+            raise argparse.ArgumentTypeError(f"unknown policy {part!r}; known: {known}")
+        names += POLICY_GROUPS.get(part, (part,))
+    return list(dict.fromkeys(names))
 
 
 def _length_scale(args: argparse.Namespace, model: StepTimeModel) -> LengthScale:
@@ -79,8 +100,8 @@ class _Run:
     def workload(self, rate: float, count: int) -> Workload:
         key = (rate, count)
         if key not in self.workloads:
-            self.workloads[key] = build_scenario(
-                self.args.scenario,
+            # A scenario or a --trace-file, with any --burst-* (workload_options.py).
+            self.workloads[key] = workload_options.resolve(self.args).build(
                 model=self.model,
                 rate=rate,
                 count=count,
@@ -151,6 +172,12 @@ def _describe(run: _Run, policies: list[str], profile_name: str) -> dict[str, An
             "kv_capacity_tokens": run.limits.kv_capacity_tokens,
         },
         "length_scale": run.scale.describe(),
+        # What each stand-in for stock vLLM runs with on this profile's hardware.
+        "vllm_standins": {
+            name: variant.to_json()
+            for name, variant in vllm_standins(run.model, run.limits).items()
+            if name in policies
+        },
         "workload": reference.describe(),
         "profile_name": profile_name,
         "profile": run.model.to_json(),
@@ -217,10 +244,15 @@ def _sweep(run: _Run, policies: list[str]) -> tuple[dict[str, Any], str]:
         for base in policies
         if base != "sloserve" and "sloserve" in policies
     }
+    # Stock vLLM as shipped, and at its best on this scenario (methodology §5).
+    baselines = [VLLM_DEFAULT] if VLLM_DEFAULT in policies else []
+    tuned = [name for name in policies if name in VLLM_TUNED]
+    best_tuned = max(tuned, key=lambda name: capacity[name]) if tuned else None
     payload = {
         "fluid_bound_rps": fluid,
         "start_rate_rps": start,
         "capacity_ratios": ratios,
+        "best_tuned_vllm": best_tuned,
         "policies": {
             name: {
                 "capacity_rps": results[name].capacity,
@@ -232,12 +264,13 @@ def _sweep(run: _Run, policies: list[str]) -> tuple[dict[str, Any], str]:
             for name in policies
         },
     }
-    baselines = [name for name in policies if name in FCFS_BUDGETS]
     capacity_rows = [report.CapacityRow.from_result(n, results[n]) for n in policies]
     trial_rows = [row for n in policies for row in report.rows_from_capacity(n, results[n])]
     markdown = (
         f"### {run.args.scenario} (simulated, {run.args.requests} requests per load point)\n\n"
-        + report.capacity_table(capacity_rows, fluid_bound=fluid, baselines=baselines)
+        + report.capacity_table(
+            capacity_rows, fluid_bound=fluid, baselines=baselines, best_of=tuned
+        )
         + "\n"
         + report.markdown_table(trial_rows)
         + "\n"
@@ -337,13 +370,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "simulate", help="run scheduling policies on a virtual engine (step-time model)"
     )
-    p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    workload_options.add_arguments(p)  # --scenario, or --trace-file; --burst-*
     p.add_argument("--out", type=Path, required=True, help="results directory")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--profile", type=Path, help="step profile file")
     which.add_argument("--profile-name", help=f"a shipped profile (default: {DEFAULT_PROFILE})")
     p.add_argument(
-        "--policy", default="all", choices=[*POLICIES, "all"], help="policy to run (default: all)"
+        "--policy",
+        type=_policies,
+        default="all",
+        help="comma-separated policies to run, or groups: all (sloserve and every stand-in "
+        "for stock vLLM), vllm (every stand-in), vllm-tuned (its tuned variants); "
+        f"policies: {', '.join(POLICIES)} (default: all)",
     )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--rate", type=float, help="requests per second (default: --sweep)")
@@ -361,13 +399,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="prompt and output length factor (default: 1/8 on a CPU profile, else 1)",
     )
     p.add_argument(
-        "--trace-dir", type=Path, help="folder of the Azure LLM traces (chatbot, coding)"
+        "--trace-dir",
+        type=Path,
+        help="folder of the Azure LLM traces (chatbot, coding, coding-burst, reasoning-burst, "
+        "mixed)",
     )
     p.add_argument(
         "--kv-tokens",
         type=int,
-        default=DEFAULT_KV_TOKENS,
-        help=f"KV cache capacity in tokens (default: {DEFAULT_KV_TOKENS})",
+        help="KV cache capacity in tokens (default: the profile's engine.kv_capacity_tokens, "
+        f"else {DEFAULT_KV_TOKENS})",
     )
     p.add_argument(
         "--noise", action="store_true", help="scatter step times as the profile's residuals"
@@ -386,18 +427,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--step-overhead-ms",
         type=float,
-        default=0.0,
-        help="fixed time added to every step (default: 0)",
+        help="fixed time added to every step (default: the profile's step_overhead_s, else 0)",
     )
 
 
 def main(args: argparse.Namespace) -> int:
+    workload_options.resolve(args)  # a bad --trace-file or --burst-* fails first
+    model, profile_name = _profile(args)
+    # What the user leaves out, the profile says where it can: a GPU profile carries its
+    # card's KV capacity and the host's fixed time per step (published_profile.py).
+    if args.kv_tokens is None:
+        engine = model.metadata.get("engine", {})
+        args.kv_tokens = int(engine.get("kv_capacity_tokens", DEFAULT_KV_TOKENS))
+    if args.step_overhead_ms is None:
+        args.step_overhead_ms = float(model.metadata.get("step_overhead_s", 0.0)) * 1000
     if args.requests < 1 or args.kv_tokens < 1:
         raise SystemExit("--requests and --kv-tokens must be positive")
-    model, profile_name = _profile(args)
     limits = EngineLimits.from_profile(model, args.kv_tokens)
     run = _Run(args, model, limits, _length_scale(args, model))
-    policies = list(POLICIES) if args.policy == "all" else [args.policy]
+    policies: list[str] = args.policy
     started = time.perf_counter()
     payload = _describe(run, policies, profile_name)
     if args.replicas is not None:
@@ -405,7 +453,9 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit("--replicas searches capacities: leave out --rate")
         # Scaling is the routing's question: every replica runs the SLO scheduler unless
         # one policy is named.
-        policy = "sloserve" if args.policy == "all" else args.policy
+        if len(policies) > 1 and policies != list(POLICIES):
+            raise SystemExit("--replicas runs one policy on every replica: name one")
+        policy = policies[0] if len(policies) == 1 else "sloserve"
         routings = list(ROUTINGS) if args.routing == "all" else [args.routing]
         payload["policies"] = [policy]
         results, markdown = _scaling(run, policy, _replica_counts(args.replicas), routings)

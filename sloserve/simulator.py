@@ -29,7 +29,7 @@ from sloserve.bench.types import BenchRequest, RequestRecord
 from sloserve.replica.planner import StepPlan
 from sloserve.replica.policy import PolicyCounters
 from sloserve.replica.slo_request import Mode, SloRequest
-from sloserve.simulator_policies import EngineLimits, Policy, make_policy
+from sloserve.simulator_policies import EngineLimits, Policy, PreemptingPolicy, make_policy
 from sloserve.slo import RequestSlo
 from sloserve.stepmodel import StepShape, StepTimeModel
 
@@ -176,8 +176,14 @@ class VirtualEngine:
         noise: StepNoise | None = None,
         step_overhead_s: float = 0.0,
         hooks: EngineHooks | None = None,
+        reasoning_end_visible: bool = True,
     ) -> None:
         self.model = model
+        # Whether the policy learns when a reasoning request ends its thinking, as a replica
+        # serving a reasoning model with vLLM's reasoning parser does (it sees the model's
+        # end-of-thinking token); without a parser (the random-weight CPU bench model) it
+        # never does, and holds every token to the thinking TPOT.
+        self.reasoning_end_visible = reasoning_end_visible
         self.limits = limits
         self.policy = policy
         self.noise = noise
@@ -291,14 +297,17 @@ class VirtualEngine:
             self._end(request, record, error=f"needs {need} KV tokens; the cache holds {cap}")
             return
         rid = str(request.index)
+        # The policy sees what a server is sent (methodology §5): the class's max_tokens cap
+        # and no thinking-token count. The virtual request still ends at its true length
+        # (_advance), as if the model emitted end-of-sequence there.
         slo = RequestSlo(
             request_id=rid,
             class_name=request.slo_class,
-            budgets=request.budgets,
+            budgets=request.client_budgets,
             allow_best_effort=request.allow_best_effort,
             arrival_time=at,
         )
-        view = SloRequest(rid, slo, request.prompt_tokens, max_tokens=request.output_tokens)
+        view = SloRequest(rid, slo, request.prompt_tokens, max_tokens=request.max_tokens)
         verdict = self.policy.arrive(self.now, view)
         if verdict.rejected:
             if self.hooks is not None and self.hooks.rejected(
@@ -367,6 +376,18 @@ class VirtualEngine:
         prefilling = [live.view for live in self._prefilling.values()]
         plan = self.policy.plan(self.now, decoding, prefilling)
         self.stats.plan_s.append(self.policy.last_plan_s)
+        preempted = False
+        if isinstance(self.policy, PreemptingPolicy):
+            # The policy preempted as it planned (vLLM's scheduler does, its own victims):
+            # their KV goes before the step, which the plan fitted into what is left.
+            for rid in self.policy.take_preempted():
+                live = self._decoding.get(rid) or self._prefilling.get(rid)
+                if live is None:
+                    raise SimulationError(f"policy preempted {rid}, which is not in the engine")
+                self._preempt(live)
+                preempted = True
+        if plan.tokens <= 0 and preempted:
+            return  # a step that only preempted: it runs nothing, in no time; plan again
         if plan.tokens <= 0:
             raise SimulationError(
                 f"{self.stats.policy}: the plan at t={self.now:.6f} s schedules nothing, with "
@@ -469,6 +490,9 @@ class VirtualEngine:
         if was_decoding or (view.output_tokens == 0 and view.prefill_left == 0):
             view.on_tokens(1, self.now)
             live.record.token_times.append(self.now)
+            thinking = live.bench.budgets.thinking_tokens
+            if self.reasoning_end_visible and view.output_tokens == thinking:
+                view.end_thinking()
             if self.hooks is not None and len(live.record.token_times) == 1:
                 self.hooks.first_token(live.bench)
         if not was_decoding and view.decoding:

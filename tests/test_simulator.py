@@ -25,7 +25,7 @@ from sloserve.cli import main as cli_main
 from sloserve.replica.planner import StepPlan
 from sloserve.replica.slo_request import SloRequest
 from sloserve.simulator import SimResult, SimulationError, StepNoise, VirtualEngine, simulate
-from sloserve.simulator_policies import EngineLimits, FcfsPolicy, make_policy
+from sloserve.simulator_policies import EngineLimits, VllmConfig, VllmScheduler, make_policy
 from sloserve.stepmodel import StepTimeModel, shipped_profile
 
 KV_TOKENS = 116_508  # the CLI's default: the bench model in a 1 GiB cache
@@ -94,7 +94,7 @@ def test_overload_rejects_and_keeps_admitted_on_time() -> None:
     rate = _fluid_rate(probe)  # an upper bound on any policy's capacity
     requests = _mixed(rate=rate, count=150)
     slo = simulate(requests, _model(), _limits(), "sloserve")
-    fcfs = simulate(requests, _model(), _limits(), "vllm-fcfs-2048")
+    fcfs = simulate(requests, _model(), _limits(), "vllm-default")
 
     rejected = [r for r in slo.records if r.rejected]
     assert rejected and all(r.reject_reason == "COMPUTE" for r in rejected)
@@ -119,7 +119,7 @@ def test_overload_rejects_and_keeps_admitted_on_time() -> None:
     assert min(fcfs_stats.attainment.values()) < min(slo_stats.attainment.values())
 
 
-@pytest.mark.parametrize("policy", ["sloserve", "vllm-fcfs-2048", "vllm-fcfs-512"])
+@pytest.mark.parametrize("policy", ["sloserve", "vllm-default", "vllm-budget-512"])
 def test_token_accounting(policy: str) -> None:
     requests = _mixed(rate=6.0, count=120)
     result = simulate(requests, _model(), _limits(), policy)
@@ -154,7 +154,7 @@ class _CheckedEngine(VirtualEngine):
         assert self.held_tokens <= self.limits.kv_capacity_tokens
 
 
-@pytest.mark.parametrize("policy", ["vllm-fcfs-2048", "sloserve"])
+@pytest.mark.parametrize("policy", ["vllm-default", "sloserve"])
 def test_kv_pressure_preempts_without_losing_tokens(policy: str) -> None:
     # Best effort allowed, so the SLO policy admits what its KV bound turns away as best
     # effort, and the engine preempts those first.
@@ -175,13 +175,13 @@ def test_kv_pressure_preempts_without_losing_tokens(policy: str) -> None:
 
 
 def test_stalled_policy_fails_loudly() -> None:
-    class Idle(FcfsPolicy):
+    class Idle(VllmScheduler):
         def plan(
             self, now: float, decoding: Sequence[SloRequest], prefilling: Sequence[SloRequest]
         ) -> StepPlan:
             return StepPlan()
 
-    engine = VirtualEngine(_model(), _limits(), Idle(2048, 8), "idle")
+    engine = VirtualEngine(_model(), _limits(), Idle(VllmConfig(2048, 8), KV_TOKENS), "idle")
     with pytest.raises(SimulationError, match="schedules nothing"):
         engine.run(_mixed(rate=1.0, count=5))
 
@@ -198,9 +198,10 @@ def test_noise_follows_residual_quantiles() -> None:
 def test_cli_rate_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sim"
     argv = ["simulate", "--scenario", "mixed", "--rate", "3", "--requests", "40"]
-    assert cli_main([*argv, "--policy", "all", "--out", str(out)]) == 0
+    policies = "sloserve,vllm-default,vllm-budget-512"
+    assert cli_main([*argv, "--policy", policies, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["policies"]) == {"sloserve", "vllm-fcfs-2048", "vllm-fcfs-512"}
+    assert set(summary["policies"]) == {"sloserve", "vllm-default", "vllm-budget-512"}
     for name, result in summary["policies"].items():
         assert result["stats"]["records"] == 40
         assert result["simulator"]["policy"] == name and result["simulator"]["steps"] > 0
@@ -214,10 +215,15 @@ def test_cli_rate_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_cli_sweep(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     argv = ["simulate", "--scenario", "mixed", "--sweep", "--requests", "60"]
+    argv += ["--policy", "sloserve,vllm-default,vllm-budget-512"]
     assert cli_main([*argv, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     fluid = summary["fluid_bound_rps"]
-    assert set(summary["capacity_ratios"]) == {"sloserve/vllm-fcfs-2048", "sloserve/vllm-fcfs-512"}
+    assert set(summary["capacity_ratios"]) == {
+        "sloserve/vllm-default",
+        "sloserve/vllm-budget-512",
+    }
+    assert summary["best_tuned_vllm"] == "vllm-budget-512"
     for result in summary["policies"].values():
         trials = result["search"]["trials"]
         assert trials and len(result["simulator_by_trial"]) == len(trials)
@@ -228,4 +234,4 @@ def test_cli_sweep(tmp_path: Path) -> None:
             result["capacity_rps"] / fluid
         )
     markdown = (out / "summary.md").read_text()
-    assert "vs vllm-fcfs-2048" in markdown and "vs vllm-fcfs-512" in markdown
+    assert "vs vllm-default" in markdown and "vs best tuned (vllm-budget-512)" in markdown

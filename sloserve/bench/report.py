@@ -161,27 +161,35 @@ def capacity_table(
     rows: Sequence[CapacityRow],
     fluid_bound: float | None = None,
     baselines: Sequence[str] = (),
+    best_of: Sequence[str] = (),
 ) -> str:
     """Capacity per system, as a fraction of the fluid bound (§6) and as ratios to baselines.
 
     A capacity that is only a lower bound is marked ">=", one below every rate tried "<" (its
     fraction of the fluid bound too).
     Ratio columns: one per named baseline, capacity(system) / capacity(baseline), measured in
-    the same run (§7); "> r" where the baseline failed every rate it tried.
+    the same run (§7); "> r" where the baseline failed every rate it tried. With `best_of`
+    (tuned variants of a baseline), one more: the ratio to whichever of them has the highest
+    capacity, named in the header (§5: the best variant per scenario).
     """
     by_name = {row.system: row for row in rows}
-    unknown = [name for name in baselines if name not in by_name]
+    unknown = [name for name in (*baselines, *best_of) if name not in by_name]
     if unknown:
         raise ValueError(f"baselines {unknown} are not among the systems {list(by_name)}")
+    columns = [by_name[name] for name in baselines]
     header = ["system", "capacity (req/s)", "capacity @99% (req/s)", "of fluid bound"]
     header += [f"vs {name}" for name in baselines]
+    if best_of:
+        best = max((by_name[name] for name in best_of), key=lambda row: row.capacity)
+        columns.append(best)
+        header.append(f"vs best tuned ({best.system})")
     body = [
         [
             row.system,
             _capacity(row),
             MISSING if row.capacity_99 is None else f"{row.capacity_99:.3g}",
             _fraction_of_bound(row, fluid_bound),
-            *(_ratio(row.capacity, by_name[name]) for name in baselines),
+            *(_ratio(row.capacity, column) for column in columns),
         ]
         for row in rows
     ]
