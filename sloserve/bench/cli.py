@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sloserve.bench import planner_overhead, report, scenario_table
+from sloserve.bench import (
+    planner_overhead,
+    report,
+    scenario_table,
+    scheduler_cost_cli,
+    workload_options,
+)
 from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.overload import overload_report, overload_table
@@ -27,16 +33,18 @@ from sloserve.bench.systems import (
     ROUTING_SYSTEM,
     ROUTING_VARIANTS,
     SYSTEMS,
+    VLLM_TUNED,
     VLLM_VARIANTS,
     EngineShape,
     SystemSpec,
+    best_tuned_vllm,
     running,
     running_gateway,
     running_replicas,
 )
 from sloserve.bench.targets import make_target
 from sloserve.bench.types import RequestRecord
-from sloserve.bench.workloads import SCENARIOS, Workload, build_scenario
+from sloserve.bench.workloads import Workload
 from sloserve.machine import cpu_description
 from sloserve.stepmodel import StepTimeModel, shipped_profile, shipped_profile_path
 
@@ -92,8 +100,8 @@ def _load_profile(path: Path | None) -> StepTimeModel:
 
 
 def _workload(args: argparse.Namespace, model: StepTimeModel, rate: float, count: int) -> Workload:
-    workload = build_scenario(
-        args.scenario,
+    # A scenario or a --trace-file, with any --burst-* (workload_options.py).
+    workload = workload_options.resolve(args).build(
         model=model,
         rate=rate,
         count=count,
@@ -139,7 +147,7 @@ def _run_once(
     async def go() -> list[RequestRecord]:
         target = make_target(target_spec, use_priority=use_priority)
         try:
-            prompts = PromptBook(vocab, prompt_seed)
+            prompts = PromptBook(vocab, prompt_seed, workload.prefixes)
             return await run(target, workload.requests, prompts, on_done=tick)
         finally:
             await target.close()
@@ -548,8 +556,8 @@ def _summary(
         for b in systems:
             if a != b:
                 ratios[f"{a}/{b}"] = capacity[a] / capacity[b] if capacity[b] > 0 else None
-    tuned = [s for s in systems if s in VLLM_VARIANTS and s != BASELINE]
-    best_tuned = max(tuned, key=lambda s: capacity[s]) if tuned else None
+    tuned = [s for s in systems if s in VLLM_TUNED]
+    best_tuned = best_tuned_vllm(capacity)
     return {
         **_describe_run(args, mode, model, reference),
         "machine": model.metadata.get("hardware"),
@@ -658,7 +666,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     verbs = bench.add_subparsers(dest="verb", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+        workload_options.add_arguments(p)  # --scenario, or --trace-file; --burst-*
         p.add_argument("--quick", action="store_true", help="CI mode: 40 requests per load point")
         p.add_argument(
             "--load-point-requests",
@@ -671,7 +679,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "--profile", type=Path, help=f"step profile (default: shipped {DEFAULT_PROFILE})"
         )
         p.add_argument(
-            "--trace-dir", type=Path, help="folder of the Azure LLM traces (chatbot, coding)"
+            "--trace-dir",
+            type=Path,
+            help="folder of the Azure LLM traces (chatbot, coding, coding-burst, "
+            "reasoning-burst, mixed)",
         )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bench model directory")
@@ -700,7 +711,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     run_p = verbs.add_parser("run", help="run one target at a rate, or search its capacity")
     common(run_p)
     system = run_p.add_mutually_exclusive_group(required=True)
-    system.add_argument("--target", help="sloserve:HOST:PORT or openai:URL (already running)")
+    system.add_argument(
+        "--target",
+        help="sloserve:HOST:PORT (gRPC), openai:URL, or sloserve-openai:URL (a sloserve "
+        "gateway's OpenAI API, sent SLO budgets), already running",
+    )
     system.add_argument(
         "--system",
         choices=sorted(SYSTEMS),
@@ -729,7 +744,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     planner_p = verbs.add_parser("planner", help="time the SLO policy per step and per arrival")
     planner_p.add_argument(
-        "--profile-name", default="gpu-llama-3-8b-h100-derived", help="a shipped step profile"
+        "--profile-name", default="gpu-llama-3-8b-a100-vidur", help="a shipped step profile"
     )
     planner_p.add_argument("--profile", type=Path, help="a step profile file (instead)")
     planner_p.add_argument(
@@ -737,6 +752,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     planner_p.add_argument("--steps", type=int, default=2000, help="steps timed per load")
     planner_p.add_argument("--out", type=Path, required=True, help="results directory")
+
+    scheduler_cost_cli.add_parser(verbs)
 
     table_p = verbs.add_parser(
         "table", help="one table of several scenarios' `bench compare` results, with means"
@@ -806,8 +823,11 @@ def table_command(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     if args.verb == "planner":
         return planner_command(args)
+    if args.verb == "scheduler":
+        return scheduler_cost_cli.command(args)
     if args.verb == "table":
         return table_command(args)
+    workload_options.resolve(args)  # a bad --trace-file or --burst-* fails before any start
     if args.vocab is None:
         config = args.model / "config.json"
         if not config.exists():
