@@ -25,6 +25,7 @@ from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.cli import CPU_LENGTH_SCALE, FULL
 from sloserve.bench.presets import LengthScale
+from sloserve.bench.protocol import RatioEstimate, best_of, ratio, run_protocol
 from sloserve.bench.workloads import Workload
 from sloserve.gateway.routing import POLICIES as ROUTINGS
 from sloserve.simulator import SimResult, SimStats, simulate
@@ -93,19 +94,20 @@ class _Run:
     model: StepTimeModel
     limits: EngineLimits
     scale: LengthScale
-    workloads: dict[tuple[float, int], Workload] = field(default_factory=dict)
+    workloads: dict[tuple[float, int, int], Workload] = field(default_factory=dict)
     simulated: int = 0  # requests simulated, for the speed report
     wall_s: float = 0.0
 
-    def workload(self, rate: float, count: int) -> Workload:
-        key = (rate, count)
+    def workload(self, rate: float, count: int, seed: int | None = None) -> Workload:
+        seed = self.args.seed if seed is None else seed
+        key = (rate, count, seed)
         if key not in self.workloads:
             # A scenario or a --trace-file, with any --burst-* (workload_options.py).
             self.workloads[key] = workload_options.resolve(self.args).build(
                 model=self.model,
                 rate=rate,
                 count=count,
-                seed=self.args.seed,
+                seed=seed,
                 scale=self.scale,
                 trace_dir=self.args.trace_dir,
                 chunk_tokens=self.limits.max_step_tokens,
@@ -113,11 +115,19 @@ class _Run:
         return self.workloads[key]
 
     def run(
-        self, policy: str, rate: float, count: int, replicas: int = 0, routing: str = ""
+        self,
+        policy: str,
+        rate: float,
+        count: int,
+        replicas: int = 0,
+        routing: str = "",
+        seed: int | None = None,
     ) -> tuple[RunStats, SimStats]:
-        """One load point on one engine, or, with `replicas`, on that many behind a router."""
-        requests = self.workload(rate, count).requests
-        noise_seed = self.args.seed if self.args.noise else None
+        """One load point on one engine, or, with `replicas`, on that many behind a router;
+        `seed` picks the request stream (default --seed)."""
+        seed = self.args.seed if seed is None else seed
+        requests = self.workload(rate, count, seed).requests
+        noise_seed = seed if self.args.noise else None
         overhead_s = self.args.step_overhead_ms / 1000
         result: SimResult
         if replicas:
@@ -279,6 +289,57 @@ def _sweep(run: _Run, policies: list[str]) -> tuple[dict[str, Any], str]:
     return payload, markdown
 
 
+def _protocol(run: _Run, policies: list[str], seeds: list[int]) -> tuple[dict[str, Any], str]:
+    """Each policy's capacity on every seed's stream (bench/protocol.py), and sloserve's
+    ratios to stock vLLM's default and to its best tuned variant, paired by seed."""
+    fluid = run.fluid()
+    start = float(f"{max(fluid * FULL.start_fraction, 0.01):.2g}")
+
+    def search(name: str, seed: int, low: float) -> CapacityResult:
+        _progress(f"== {name}, seed {seed}, from {low:.4g} req/s")
+
+        def run_at(rate: float) -> RunStats:
+            return run.run(name, rate, run.args.requests, seed=seed)[0]
+
+        result = _search(run, low, run_at)
+        _progress(f"== {name}, seed {seed}: capacity {result.capacity:.3f} req/s")
+        return result
+
+    results = run_protocol(policies, seeds, dict.fromkeys(policies, start), search)
+    tuned = [results[name] for name in policies if name in VLLM_TUNED]
+    best = best_of(tuned)
+    estimates: dict[str, RatioEstimate] = {}
+    if "sloserve" in results:
+        for label, other in (("vllm_default", results.get(VLLM_DEFAULT)), ("best_tuned", best)):
+            if other is not None:
+                estimates[f"sloserve_vs_{label}"] = ratio(results["sloserve"], other)
+    payload = {
+        "fluid_bound_rps": fluid,
+        "start_rate_rps": start,
+        "seeds": seeds,
+        "best_tuned_vllm": best.system if best else None,
+        "headline": {key: e.to_json() for key, e in estimates.items()},
+        "policies": {name: capacity.to_json() for name, capacity in results.items()},
+    }
+    header = " | ".join(f"seed {seed}" for seed in seeds)
+    lines = [
+        f"### {run.args.scenario} (simulated, {run.args.requests} requests per load point, "
+        f"{len(seeds)} seeds)\n",
+        f"| policy | capacity (median, req/s) | min-max | {header} |",
+        "| --- | --- | --- |" + " --- |" * len(seeds),
+    ]
+    for name, capacity in results.items():
+        per_seed = " | ".join(f"{capacity.by_seed[seed].capacity:.3g}" for seed in seeds)
+        values = capacity.capacities
+        lines.append(
+            f"| {name} | {capacity.median:.3g} | {min(values):.3g}-{max(values):.3g} | {per_seed} |"
+        )
+    lines.append("")
+    for key, estimate in estimates.items():
+        lines.append(f"- {key.replace('_', ' ')} ({estimate.denominator}): {estimate.describe()}")
+    return payload, "\n".join(lines) + "\n"
+
+
 def _search(run: _Run, start: float, run_at: Callable[[float], RunStats]) -> CapacityResult:
     return find_capacity(
         run_at,
@@ -356,6 +417,16 @@ def _scaling_table(
     return "\n".join(lines) + "\n"
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must differ, got {text!r}")
+    return seeds
+
+
 def _replica_counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
@@ -393,6 +464,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"requests per load point (default: {DEFAULT_REQUESTS})",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="LIST",
+        help="with --sweep: search every policy on each seed's stream (e.g. 0,1,2; the "
+        "methodology's 3), policies rotated per seed; ratios paired by seed, with their spread",
+    )
     p.add_argument(
         "--length-scale",
         type=float,
@@ -461,6 +539,8 @@ def main(args: argparse.Namespace) -> int:
         results, markdown = _scaling(run, policy, _replica_counts(args.replicas), routings)
     elif args.rate is not None:
         results, markdown = _at_rate(run, policies)
+    elif args.seeds is not None:
+        results, markdown = _protocol(run, policies, args.seeds)
     else:
         results, markdown = _sweep(run, policies)
     elapsed = time.perf_counter() - started

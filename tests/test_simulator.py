@@ -235,3 +235,29 @@ def test_cli_sweep(tmp_path: Path) -> None:
         )
     markdown = (out / "summary.md").read_text()
     assert "vs vllm-default" in markdown and "vs best tuned (vllm-budget-512)" in markdown
+
+
+def test_cli_protocol_over_seeds(tmp_path: Path) -> None:
+    """--seeds: every policy searched on each seed's stream; sloserve's ratios paired by seed,
+    with their spread."""
+    out = tmp_path / "protocol"
+    argv = ["simulate", "--scenario", "chatbot", "--sweep", "--requests", "60", "--seeds", "0,1"]
+    argv += ["--policy", "sloserve,vllm-default,vllm-budget-512"]
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert summary["best_tuned_vllm"] == "vllm-budget-512"
+    for result in summary["policies"].values():
+        by_seed = result["by_seed"]
+        assert set(by_seed) == {"0", "1"}
+        capacities = sorted(seed["capacity_rps"] for seed in by_seed.values())
+        assert result["capacity_min_rps"] == capacities[0]
+        assert result["capacity_max_rps"] == capacities[-1]
+    ours = summary["policies"]["sloserve"]["by_seed"]
+    theirs = summary["policies"]["vllm-default"]["by_seed"]
+    estimate = summary["headline"]["sloserve_vs_vllm_default"]
+    for seed in ("0", "1"):
+        if theirs[seed]["capacity_rps"] > 0:
+            expected = ours[seed]["capacity_rps"] / theirs[seed]["capacity_rps"]
+            assert estimate["by_seed"][seed] == pytest.approx(expected)
+    assert "sloserve vs best tuned (vllm-budget-512)" in (out / "summary.md").read_text()
