@@ -23,7 +23,7 @@ from typing import Any
 from sloserve.bench import report, workload_options
 from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
-from sloserve.bench.cli import CPU_LENGTH_SCALE, FULL
+from sloserve.bench.cli import CPU_LENGTH_SCALE, FULL, seed_list
 from sloserve.bench.presets import LengthScale
 from sloserve.bench.protocol import RatioEstimate, best_of, ratio, run_protocol
 from sloserve.bench.workloads import Workload
@@ -417,16 +417,6 @@ def _scaling_table(
     return "\n".join(lines) + "\n"
 
 
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must differ, got {text!r}")
-    return seeds
-
-
 def _replica_counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
@@ -466,7 +456,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--seeds",
-        type=_seed_list,
+        type=seed_list,
         metavar="LIST",
         help="with --sweep: search every policy on each seed's stream (e.g. 0,1,2; the "
         "methodology's 3), policies rotated per seed; ratios paired by seed, with their spread",

@@ -26,6 +26,13 @@ from sloserve.bench.analysis import RunStats, analyze
 from sloserve.bench.capacity import CapacityResult, find_capacity, fluid_bound
 from sloserve.bench.overload import overload_report, overload_table
 from sloserve.bench.presets import LengthScale
+from sloserve.bench.protocol import (
+    RatioEstimate,
+    SystemCapacity,
+    best_of,
+    ratio,
+    run_protocol,
+)
 from sloserve.bench.request_log import write_request_log
 from sloserve.bench.runner import PromptBook, run
 from sloserve.bench.systems import (
@@ -447,7 +454,20 @@ def _compare_systems(args: argparse.Namespace) -> list[str]:
     return [*single, *(s for s in systems if SYSTEMS[s].routed)]
 
 
+def seed_list(text: str) -> list[int]:
+    """A --seeds value: distinct integers, comma-separated."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must differ, got {text!r}")
+    return seeds
+
+
 def compare_command(args: argparse.Namespace) -> int:
+    if args.seeds is not None:
+        return _compare_over_seeds(args)
     mode = _mode(args)
     model = _load_profile(args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -484,6 +504,100 @@ def compare_command(args: argparse.Namespace) -> int:
             )
     print(markdown)
     return 0
+
+
+def _compare_over_seeds(args: argparse.Namespace) -> int:
+    """`bench compare --seeds`: each system's capacity on every seed's stream (protocol.py),
+    each search on a freshly started system; summary.json after every search."""
+    mode = _mode(args)
+    model = _load_profile(args.profile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    systems = _compare_systems(args)
+    if any(SYSTEMS[name].routed for name in systems):
+        raise SystemExit("--seeds compares single-replica systems; leave out the gateway-* ones")
+    shape = _engine_shape(args)
+    reference = _workload(args, model, 1.0, mode.requests)
+    fluid = _fluid(model, reference)
+    starts = {name: _start_rate(args, mode, fluid, name) for name in systems}
+
+    def search(name: str, seed: int, start: float) -> CapacityResult:
+        spec = SYSTEMS[name]
+        seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+        _progress(f"== {name}, seed {seed}, from {start:.4g} req/s: {spec.description}")
+        with (
+            SharedReplicas(shape, 1, args.out) as shared,
+            _system(spec, shape, args.out, shared) as target_spec,
+        ):
+            result, _ = _search(seeded, mode, model, target_spec, spec.use_priority, start)
+        _progress(f"== {name}, seed {seed}: capacity {result.capacity:.3f} req/s")
+        return result
+
+    def write(results: dict[str, SystemCapacity]) -> None:
+        (args.out / "summary.md").write_text(
+            _write_over_seeds(args, mode, model, reference, systems, results, fluid)
+        )
+
+    results = run_protocol(systems, args.seeds, starts, search, on_result=write)
+    print((args.out / "summary.md").read_text())
+    return 0 if results else 1
+
+
+def _write_over_seeds(
+    args: argparse.Namespace,
+    mode: Mode,
+    model: StepTimeModel,
+    reference: Workload,
+    planned: list[str],
+    results: dict[str, SystemCapacity],
+    fluid: float,
+) -> str:
+    """Writes summary.json for the searches so far; returns the markdown."""
+    seeds: list[int] = args.seeds
+    tuned = [results[name] for name in planned if name in VLLM_TUNED and results[name].by_seed]
+    best = best_of(tuned)
+    estimates: dict[str, RatioEstimate] = {}
+    if "sloserve" in results:
+        for label, other in (("vllm_default", results.get(BASELINE)), ("best_tuned_vllm", best)):
+            if other is not None:
+                estimates[f"sloserve_vs_{label}"] = ratio(results["sloserve"], other)
+    summary = {
+        **_describe_run(args, mode, model, reference),
+        "mode_note": _mode_note(mode).replace("one seed", f"{len(seeds)} seed(s)"),
+        "seeds": seeds,
+        "machine": model.metadata.get("hardware"),
+        "fluid_bound_rps": fluid,
+        "systems": {
+            name: {"description": SYSTEMS[name].description, **capacity.to_json()}
+            for name, capacity in results.items()
+        },
+        "best_tuned_vllm": best.system if best else None,
+        "headline": {key: estimate.to_json() for key, estimate in estimates.items()},
+        "searches_pending": [
+            f"{name}/{seed}" for name in planned for seed in seeds
+            if seed not in results[name].by_seed
+        ],
+    }  # fmt: skip
+    report.write_results(args.out / "summary.json", summary)
+    header = " | ".join(f"seed {seed}" for seed in seeds)
+    lines = [
+        f"### {args.scenario} ({mode.name} mode, {len(seeds)} seeds)\n",
+        f"| system | capacity (median, req/s) | min-max | {header} |",
+        "| --- | --- | --- |" + " --- |" * len(seeds),
+    ]
+    for name in planned:
+        capacity = results[name]
+        cells = [
+            f"{capacity.by_seed[seed].capacity:.3g}" if seed in capacity.by_seed else "-"
+            for seed in seeds
+        ]
+        values = capacity.capacities
+        spread = f"{min(values):.3g}-{max(values):.3g}" if values else "-"
+        median = f"{capacity.median:.3g}" if values else "-"
+        lines.append(f"| {name} | {median} | {spread} | {' | '.join(cells)} |")
+    lines.append("")
+    for key, estimate in estimates.items():
+        lines.append(f"- {key.replace('_', ' ')} ({estimate.denominator}): {estimate.describe()}")
+    return "\n".join(lines) + "\n"
 
 
 def _write_compare(
@@ -773,6 +887,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--replicas",
         type=int,
         help="sloserve replicas behind each gateway-* system, started once for all of them",
+    )
+    compare_p.add_argument(
+        "--seeds",
+        type=seed_list,
+        metavar="LIST",
+        help="search every system on each seed's stream (e.g. 0,1,2, the methodology's 3), "
+        "systems rotated per seed, each later search from its last capacity; ratios paired "
+        "by seed, with their spread (summary.json's headline)",
     )
 
 
