@@ -9,6 +9,7 @@ Hidden requests once made room that vLLM filled with waiting ones, so the runnin
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from vllm.v1.request import Request, RequestStatus
 
-from sloserve.bench.scheduler_loop import LoopConfig, SchedulerLoop
+from sloserve.bench.scheduler_loop import SAMPLED_TOKEN, LoopConfig, SchedulerLoop
 from sloserve.replica.planner import StepPlan
 from sloserve.slo import Budgets, RequestSlo
 from sloserve.stepmodel import shipped_profile
@@ -113,3 +114,54 @@ def test_a_stream_its_client_ends_teaches_its_output_length(tiny_model: Path) ->
     scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)  # the engine core's abort
     # The 90th percentile of what the 25 streams produced, not max_tokens (200).
     assert scheduler.slo_policy.lengths.expected("stress", 200) == max(lengths) < 200
+
+
+def test_the_end_of_thinking_is_read_with_vllms_reasoning_parser(tiny_model: Path) -> None:
+    """A reasoning request is held to its thinking TPOT until the model ends its thinking;
+    the engine's reasoning parser (deepseek_r1: `</think>`) tells the scheduler when."""
+    end_of_thinking = json.loads((tiny_model / "tokenizer.json").read_text())
+    think_end = next(t["id"] for t in end_of_thinking["added_tokens"] if t["content"] == "</think>")
+    thinking_for = 6  # output tokens before the model emits </think>
+
+    def sample(request: Request) -> int:
+        return think_end if request.num_output_tokens == thinking_for else SAMPLED_TOKEN
+
+    loop = SchedulerLoop(
+        LoopConfig(
+            model=tiny_model,
+            kv_tokens=64 * 1024,
+            max_num_seqs=8,
+            max_num_batched_tokens=BUDGET,
+            profile=shipped_profile("cpu-bench").to_json(),
+            reasoning_parser="deepseek_r1",
+        ),
+        sample=sample,
+    )
+    budgets = Budgets(ttft_s=60.0, tpot_s=1.0, thinking_tpot_s=0.5)
+    slo = RequestSlo("think", "reasoning", budgets, True, time.time())
+    loop.add([loop.request("think", 20, 40, slo)])
+    tracked = loop.scheduler.slo_policy.requests["think"]  # type: ignore[attr-defined]
+    while tracked.output_tokens <= thinking_for:  # </think> is token thinking_for + 1
+        assert tracked.thinking and tracked.next_tpot_s == 0.5, tracked.output_tokens
+        loop.step()
+    assert tracked.output_tokens == thinking_for + 1
+    assert not tracked.thinking and tracked.next_tpot_s == 1.0
+    assert tracked.thinking_ended_at == thinking_for + 1  # the index of the first answer token
+
+
+def test_without_a_reasoning_parser_every_token_keeps_the_thinking_tpot(tiny_model: Path) -> None:
+    loop = SchedulerLoop(
+        LoopConfig(
+            model=tiny_model,
+            kv_tokens=64 * 1024,
+            max_num_seqs=8,
+            max_num_batched_tokens=BUDGET,
+            profile=shipped_profile("cpu-bench").to_json(),
+        )
+    )
+    budgets = Budgets(ttft_s=60.0, tpot_s=1.0, thinking_tpot_s=0.5)
+    loop.add([loop.request("think", 20, 12, RequestSlo("think", "r", budgets, True, time.time()))])
+    tracked = loop.scheduler.slo_policy.requests["think"]  # type: ignore[attr-defined]
+    while tracked.output_tokens < 10:
+        loop.step()
+    assert tracked.thinking and tracked.next_tpot_s == 0.5

@@ -48,8 +48,9 @@ from sloserve.replica.scheduler import CONFIG_KEY, SloAsyncScheduler, SloSchedul
 from sloserve.slo import RequestSlo
 from sloserve.stepmodel import StepShape, StepTimeModel
 
-# What the stand-in model samples: any id below the vocabulary that is not end-of-sequence.
-SAMPLED_TOKEN = 5
+# What the stand-in model samples: an ordinary token of any generated model's vocabulary (the
+# special tokens come first: end-of-sequence, padding, the thinking markers).
+SAMPLED_TOKEN = 20
 # A virtual clock starts here: a time.time() of 2001, plausible (nothing takes it for unset)
 # and far from the wall clock (a test can tell which clock a time came from).
 VIRTUAL_EPOCH = 1e9
@@ -152,6 +153,8 @@ class LoopConfig:
     async_scheduling: bool = False
     # sloserve's step profile (StepTimeModel.to_json()); None builds vLLM's own scheduler.
     profile: dict[str, Any] | None = None
+    # vLLM's reasoning parser of the model (the engine's --reasoning-parser), or None.
+    reasoning_parser: str | None = None
 
 
 def build_scheduler(config: LoopConfig) -> tuple[Scheduler, Callable[[Request], list[BlockHash]]]:
@@ -168,6 +171,7 @@ def build_scheduler(config: LoopConfig) -> tuple[Scheduler, Callable[[Request], 
         enforce_eager=True,
         async_scheduling=config.async_scheduling,
         additional_config={CONFIG_KEY: sloserve},
+        reasoning_parser=config.reasoning_parser or "",
     ).create_engine_config()
     model_config = vllm_config.model_config
     cache_config = vllm_config.cache_config
@@ -207,6 +211,7 @@ class SchedulerLoop:
     `clock`: steps take virtual time (see VirtualClock); None, they are instant and the
     scheduler reads the wall clock. `meter` runs every call into the scheduler.
     `keep_outputs`: False drops the output batches (a long benchmark need not hold them).
+    `sample`: the token the stand-in model samples for a request (default SAMPLED_TOKEN).
     """
 
     def __init__(
@@ -215,8 +220,10 @@ class SchedulerLoop:
         clock: VirtualClock | None = None,
         meter: Meter = unmetered,
         keep_outputs: bool = True,
+        sample: Callable[[Request], int] = lambda _: SAMPLED_TOKEN,
     ) -> None:
         self.config = config
+        self._sample = sample
         self.clock = clock
         self._meter = meter
         self._keep_outputs = keep_outputs
@@ -313,7 +320,8 @@ class SchedulerLoop:
             req_ids=request_ids,
             req_id_to_index={request_id: i for i, request_id in enumerate(request_ids)},
             sampled_token_ids=[
-                [SAMPLED_TOKEN] if request_id in sampled else [] for request_id in request_ids
+                [self._sample(self.scheduler.requests[request_id])] if request_id in sampled else []
+                for request_id in request_ids
             ],
         )
         self._enter()
