@@ -149,10 +149,20 @@ class _Run:
                 policy,
                 noise_seed=noise_seed,
                 step_overhead_s=overhead_s,
+                reasoning_end_visible=self.reasoning_end_visible,
             )
         self.simulated += len(result.records)
         self.wall_s += result.stats.wall_s
         return analyze(result.records), result.stats
+
+    @property
+    def reasoning_end_visible(self) -> bool:
+        """Whether the policy learns where a reasoning request's thinking ends: a GPU
+        profile stands for a real reasoning model served with its reasoning parser; the CPU
+        bench model is random weights, which end no thinking a parser could see."""
+        if self.args.reasoning_parser is not None:
+            return bool(self.args.reasoning_parser)
+        return not self.model.on_cpu
 
     def fluid(self) -> float:
         """The §6 bound for the scenario, as `bench` computes it."""
@@ -454,6 +464,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"requests per load point (default: {DEFAULT_REQUESTS})",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reasoning-parser",
+        action=argparse.BooleanOptionalAction,
+        help="whether the replica sees where a reasoning request's thinking ends, as with "
+        "vLLM's reasoning parser of a real reasoning model (default: on for a GPU profile, "
+        "off for a CPU one, whose random-weight bench model ends no thinking)",
+    )
     p.add_argument(
         "--seeds",
         type=seed_list,
