@@ -253,9 +253,7 @@ class StepPlanner:
             if request_id in plan.skipped:
                 plan.skipped.remove(request_id)
 
-    def _step_cap_s(
-        self, now: float, head: SloRequest | None, decodes: int, context: int
-    ) -> float:
+    def _step_cap_s(self, now: float, head: SloRequest | None, decodes: int, context: int) -> float:
         """The step cap for this step: LiveLimits.max_step_s, stretched for the prefill with
         the earliest deadline if it needs longer steps to make its first token in time
         (stretched_cap_s)."""

@@ -511,13 +511,21 @@ def simulate(
     *,
     noise_seed: int | None = None,
     step_overhead_s: float = 0.0,
+    reasoning_end_visible: bool = True,
 ) -> SimResult:
     """Runs `requests` through a fresh `policy` on a virtual engine.
 
     `noise_seed`: scatter step times as the profile's residuals (None: exact predictions).
+    `reasoning_end_visible`: see VirtualEngine.
     """
     noise = None if noise_seed is None else StepNoise(model.residual_quantiles, noise_seed)
     engine = VirtualEngine(
-        model, limits, make_policy(policy, model, limits), policy, noise, step_overhead_s
+        model,
+        limits,
+        make_policy(policy, model, limits),
+        policy,
+        noise,
+        step_overhead_s,
+        reasoning_end_visible=reasoning_end_visible,
     )
     return engine.run(requests)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sloserve.bench import cli as bench_cli
+from sloserve.bench import workload_options
 from sloserve.bench.overload import overload_report, overload_table
 from sloserve.bench.systems import ROUTING_VARIANTS, SYSTEMS
 from sloserve.bench.types import BenchRequest, RequestRecord
@@ -20,7 +21,9 @@ BUDGETS = Budgets(ttft_s=1.0, tpot_s=0.1)
 
 
 def _args(**given: object) -> argparse.Namespace:
-    defaults: dict[str, object] = {
+    workload_parser = argparse.ArgumentParser()
+    workload_options.add_arguments(workload_parser)
+    defaults: dict[str, object] = vars(workload_parser.parse_args([])) | {
         "systems": None,
         "replicas": None,
         "scenario": "mixed",

@@ -20,7 +20,7 @@ def test_cli_times_both_schedulers_at_every_load(tiny_model: Path, tmp_path: Pat
     out = tmp_path / "scheduler"
     done = subprocess.run(
         [sys.executable, "-m", "sloserve", "bench", "scheduler", "--running", "8,16",
-         "--steps", "50", "--warmup", "30", "--model", str(tiny_model), "--out", str(out)],
+         "--steps", "50", "--warmup", "2", "--model", str(tiny_model), "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
