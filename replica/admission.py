@@ -69,6 +69,11 @@ class Verdict:
 ADMIT = Verdict(Mode.ADMITTED)
 
 
+# OutputLengths' key for the lengths of every group together (no class or budget shape has
+# this name: length groups are class names or budget shapes).
+ANY_GROUP = "\x00any"
+
+
 class OutputLengths:
     """Output lengths of finished requests per length group (`RequestSlo.length_group`: a
     class, or one shape of explicit budgets), for the KV-memory bound and the decode horizon.
@@ -82,9 +87,14 @@ class OutputLengths:
         self._quantile = quantile
         self._min_samples = min_samples
         self._by_group: dict[str, deque[int]] = {}
+        # Per group, and the last `window` of every group together under ANY_GROUP.
         self._sorted: dict[str, list[int]] = {}
 
     def observe(self, group: str, tokens: int) -> None:
+        self._observe(group, tokens)
+        self._observe(ANY_GROUP, tokens)
+
+    def _observe(self, group: str, tokens: int) -> None:
         recent = self._by_group.setdefault(group, deque(maxlen=self._window))
         ordered = self._sorted.setdefault(group, [])
         if len(recent) == self._window:
@@ -92,12 +102,22 @@ class OutputLengths:
         recent.append(tokens)
         bisect.insort(ordered, tokens)
 
+    def known(self, group: str) -> bool:
+        """Whether enough of the group's lengths are known to answer for it."""
+        return len(self._sorted.get(group, ())) >= self._min_samples
+
     def expected(self, group: str, max_tokens: int) -> int:
-        ordered = self._sorted.get(group, [])
-        if len(ordered) < self._min_samples:
+        """The group's high quantile, at most `max_tokens`; `max_tokens` while the group's
+        lengths are not known."""
+        if not self.known(group):
             return max_tokens
+        ordered = self._sorted[group]
         index = min(len(ordered) - 1, math.ceil(self._quantile * len(ordered)) - 1)
         return min(max_tokens, ordered[index])
+
+    def expected_of_any(self, max_tokens: int) -> int:
+        """The high quantile of every group's recent lengths together, at most `max_tokens`."""
+        return self.expected(ANY_GROUP, max_tokens)
 
 
 class ForecastErrors:
@@ -261,7 +281,23 @@ class AdmissionController:
     # -- memory --------------------------------------------------------------------------
 
     def kv_tokens(self, request: SloRequest) -> int:
-        expected = self.lengths.expected(request.slo.length_group, request.max_tokens)
+        """The KV tokens the request is expected to hold at its longest.
+
+        Its group's high-quantile length once known. Before that (a new application, or a
+        burst of a class not seen for a while), the client's `max_tokens` would count every
+        request as writing its whole cap: a reasoning burst with a 16k cap was turned away for
+        memory at a fifth of the KV cache it needed. Until then a request counts twice what it
+        has written (what a stream has written is the best guess of what it has left), and at
+        least the high quantile of every group's lengths (its cap while none are known). Should
+        the requests outgrow the cache all the same, the engine preempts as vLLM does, and
+        expiry demotes whoever falls behind.
+        """
+        group = request.slo.length_group
+        if self.lengths.known(group):
+            expected = self.lengths.expected(group, request.max_tokens)
+        else:
+            floor = self.lengths.expected_of_any(request.max_tokens)
+            expected = min(request.max_tokens, max(2 * request.output_tokens, floor))
         return request.prompt_tokens + max(expected, request.output_tokens)
 
     def _memory(self, candidate: SloRequest, held: Iterable[SloRequest]) -> Reason:

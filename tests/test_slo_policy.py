@@ -565,6 +565,34 @@ def test_memory_bound_uses_learned_output_lengths() -> None:
     assert admission.decide(0.0, big, held).mode is Mode.ADMITTED
 
 
+def test_a_class_with_no_known_lengths_counts_what_its_requests_write() -> None:
+    # A burst of a class never seen, each request capped at 16k tokens: counting the cap, the
+    # KV cache would hold three; what is known of every class's lengths (and what each stream
+    # has written, twice over) counts instead, until the class's own lengths are known.
+    admission = controller(kv_tokens=60_000)
+    for _ in range(50):
+        admission.lengths.observe("loose", 400)  # another class's lengths are known
+    burst = [make(f"r{i}", TIGHT, prompt=200, max_tokens=16_384) for i in range(20)]
+    assert admission.kv_tokens(burst[0]) == 200 + 400
+    decoding(burst[0], 0.1, tokens=3_000)
+    assert admission.kv_tokens(burst[0]) == 200 + 6_000  # twice what it has written
+    held: list[SloRequest] = []
+    for request in burst[1:]:
+        verdict = admission.decide(0.0, request, held)
+        assert verdict.reason is not Reason.MEMORY
+        held.append(request)
+    assert admission._memory(burst[0], held) is Reason.NONE  # 19 x 600 + 6,200
+    for _ in range(50):  # the class's own lengths, once known, replace the estimate
+        admission.lengths.observe("tight", 16_000)
+    assert admission.kv_tokens(burst[1]) == 200 + 16_000
+    assert admission._memory(burst[0], held) is Reason.MEMORY
+
+
+def test_with_no_lengths_known_at_all_a_request_counts_its_cap() -> None:
+    admission = controller(kv_tokens=10_000)
+    assert admission.kv_tokens(make("r", TIGHT, prompt=200, max_tokens=4_000)) == 4_200
+
+
 def test_best_effort_requests_do_not_hold_memory() -> None:
     admission = controller(kv_tokens=3_000)
     hog = make("hog", LOOSE, prompt=2000, max_tokens=500)
@@ -581,6 +609,12 @@ def test_output_lengths_quantile() -> None:
         lengths.observe("c", n)
     assert lengths.expected("c", 500) == 190
     assert lengths.expected("c", 150) == 150
+    assert not lengths.known("d") and lengths.expected("d", 500) == 500
+    for n in range(1, 21):
+        lengths.observe("d", 1000 + n)
+    # every group's last 100 together, c's 121..200 and d's 1001..1020: the 90th is d's 1010
+    assert lengths.known("d") and lengths.expected_of_any(5000) == 1010
+    assert lengths.expected("c", 500) == 190  # each group's own stay its own
 
 
 def test_explicit_budgets_learn_output_lengths_per_budget_shape() -> None:
