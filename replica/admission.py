@@ -1,6 +1,8 @@
 """Where admission is decided: admit a request with its SLO, serve it as best effort, or reject.
 
-Decided once, when the request reaches the engine's scheduler, by simulating forward:
+Decided once, when the request reaches the engine's scheduler (the requests that arrive
+together in arrival order, against one view of the load held: AdmittedLoad), by simulating
+forward:
 - Compute. The admitted requests still prefilling and the candidate are prefilled in order of
   TTFT deadline, as the planner does. While they do, every decoding request rides in each step
   and steps last the tightest TPOT among them (the planner's steady state once decodes have
@@ -25,6 +27,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import operator
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -79,7 +82,9 @@ class OutputLengths:
     class, or one shape of explicit budgets), for the KV-memory bound and the decode horizon.
 
     Keeps the last `window` lengths per group and answers a high quantile, so a request is
-    expected to need as much KV, and as many decode steps, as most of its group did.
+    expected to need as much KV, and as many decode steps, as most of its group did. The
+    quantile is kept between changes to the window: admission asks for it for every request
+    it holds.
     """
 
     def __init__(self, window: int = 200, quantile: float = 0.9, min_samples: int = 20) -> None:
@@ -89,6 +94,7 @@ class OutputLengths:
         self._by_group: dict[str, deque[int]] = {}
         # Per group, and the last `window` of every group together under ANY_GROUP.
         self._sorted: dict[str, list[int]] = {}
+        self._learned: dict[str, int] = {}  # the quantile, once min_samples are known
 
     def observe(self, group: str, tokens: int) -> None:
         self._observe(group, tokens)
@@ -101,19 +107,19 @@ class OutputLengths:
             ordered.pop(bisect.bisect_left(ordered, recent[0]))
         recent.append(tokens)
         bisect.insort(ordered, tokens)
+        if len(ordered) >= self._min_samples:
+            index = min(len(ordered) - 1, math.ceil(self._quantile * len(ordered)) - 1)
+            self._learned[group] = ordered[index]
 
     def known(self, group: str) -> bool:
         """Whether enough of the group's lengths are known to answer for it."""
-        return len(self._sorted.get(group, ())) >= self._min_samples
+        return group in self._learned
 
     def expected(self, group: str, max_tokens: int) -> int:
         """The group's high quantile, at most `max_tokens`; `max_tokens` while the group's
         lengths are not known."""
-        if not self.known(group):
-            return max_tokens
-        ordered = self._sorted[group]
-        index = min(len(ordered) - 1, math.ceil(self._quantile * len(ordered)) - 1)
-        return min(max_tokens, ordered[index])
+        learned = self._learned.get(group)
+        return max_tokens if learned is None else min(max_tokens, learned)
 
     def expected_of_any(self, max_tokens: int) -> int:
         """The high quantile of every group's recent lengths together, at most `max_tokens`."""
@@ -198,6 +204,27 @@ class GroupedForecastErrors:
         return value if value is not None else self.pooled.quantile(now)
 
 
+class AdmittedLoad:
+    """The admitted requests as admission weighs a newcomer against them, at one moment
+    (`now`): what they need of the KV cache, the decode batch they form, and the queue of
+    prompts waiting for their first token, in the order they were admitted.
+
+    Built once for every request that arrives at that moment (SloPolicy.arrivals), each one
+    admitted joining it (AdmissionController.decide_in): deciding k arrivals costs one pass
+    over the n requests held, where rebuilding it per arrival cost k (with a thousand in
+    flight and a handful of arrivals a step, most of the scheduler's time). It is a snapshot:
+    nothing may change the requests it was built from while it is in use.
+    """
+
+    def __init__(
+        self, now: float, kv_tokens: int, batch: _DecodeBatch, queue: list[SloRequest]
+    ) -> None:
+        self.now = now
+        self.kv_tokens = kv_tokens
+        self.batch = batch  # never advanced: each forecast consumes a copy
+        self.queue = queue
+
+
 class AdmissionController:
     def __init__(
         self,
@@ -220,17 +247,39 @@ class AdmissionController:
     def decide(self, now: float, candidate: SloRequest, admitted: Sequence[SloRequest]) -> Verdict:
         """The verdict for `candidate`, given the requests already in the engine."""
         held = [r for r in admitted if r.admitted and r is not candidate]
-        reason, check = self._memory(candidate, held), "memory"
+        return self.decide_in(self.load(now, held), candidate)
+
+    def load(self, now: float, held: Sequence[SloRequest]) -> AdmittedLoad:
+        """The admitted requests `held` (in the order they were admitted), as admission
+        weighs newcomers against them at `now`."""
+        return AdmittedLoad(
+            now,
+            sum(self.kv_tokens(r) for r in held),
+            _DecodeBatch(self._decoders(now, held)),
+            [r for r in held if r.output_tokens == 0],
+        )
+
+    def decide_in(self, load: AdmittedLoad, candidate: SloRequest) -> Verdict:
+        """The verdict for `candidate`, weighed against `load` at its moment; admitted, it
+        joins the load, as the next request arriving then must see it."""
+        now = load.now
+        kv_tokens = self.kv_tokens(candidate)
+        reason, check = self._memory(kv_tokens, load), "memory"
         forecast: dict[str, float] = {}
         if reason is Reason.NONE:
-            check = self._compute(now, candidate, held, forecast)
+            check = self._compute(now, candidate, load, forecast)
             reason = Reason.COMPUTE if check else Reason.NONE
         if reason is Reason.NONE:
             if candidate.request_id in forecast:
                 self._forecasts[candidate.request_id] = (
                     forecast[candidate.request_id], candidate.budgets.ttft_s,
-                    candidate.slo.length_group,
+                    candidate.length_group,
                 )  # fmt: skip
+            load.kv_tokens += kv_tokens
+            if candidate.output_tokens == 0:
+                load.queue.append(candidate)
+            for decoder in self._decoders(now, [candidate]):
+                load.batch.add(decoder)
             return ADMIT
         if candidate.slo.allow_best_effort:
             return Verdict(Mode.BEST_EFFORT, reason, check)
@@ -267,7 +316,7 @@ class AdmissionController:
         is the request's length group's (GroupedForecastErrors).
         """
         budget_s = request.budgets.ttft_s
-        error = self.errors.quantile(request.slo.length_group, now)
+        error = self.errors.quantile(request.length_group, now)
         if error is None:
             return QUEUE_LATE_ALLOWANCE * budget_s
         return min(QUEUE_LATE_ALLOWANCE, -error) * budget_s
@@ -275,7 +324,7 @@ class AdmissionController:
     def _forecast_pessimistic(self, now: float, request: SloRequest) -> bool:
         """Whether the forecast may be taken for pessimistic for the request: its error not
         measured yet, or measured to be on time or early for most first tokens."""
-        error = self.errors.quantile(request.slo.length_group, now)
+        error = self.errors.quantile(request.length_group, now)
         return error is None or error <= 0.0
 
     # -- memory --------------------------------------------------------------------------
@@ -286,13 +335,13 @@ class AdmissionController:
         Its group's high-quantile length once known. Before that (a new application, or a
         burst of a class not seen for a while), the client's `max_tokens` would count every
         request as writing its whole cap: a reasoning burst with a 16k cap was turned away for
-        memory at a fifth of the KV cache it needed. Until then a request counts twice what it
+        memory it would not use. Until then a request counts twice what it
         has written (what a stream has written is the best guess of what it has left), and at
         least the high quantile of every group's lengths (its cap while none are known). Should
         the requests outgrow the cache all the same, the engine preempts as vLLM does, and
         expiry demotes whoever falls behind.
         """
-        group = request.slo.length_group
+        group = request.length_group
         if self.lengths.known(group):
             expected = self.lengths.expected(group, request.max_tokens)
         else:
@@ -300,8 +349,9 @@ class AdmissionController:
             expected = min(request.max_tokens, max(2 * request.output_tokens, floor))
         return request.prompt_tokens + max(expected, request.output_tokens)
 
-    def _memory(self, candidate: SloRequest, held: Iterable[SloRequest]) -> Reason:
-        need = self.kv_tokens(candidate) + sum(self.kv_tokens(r) for r in held)
+    def _memory(self, kv_tokens: int, load: AdmittedLoad) -> Reason:
+        """Whether a candidate needing `kv_tokens` fits the KV cache beside `load`."""
+        need = kv_tokens + load.kv_tokens
         return Reason.MEMORY if need > self.kv_capacity_tokens else Reason.NONE
 
     # -- compute -------------------------------------------------------------------------
@@ -310,7 +360,7 @@ class AdmissionController:
         self,
         now: float,
         candidate: SloRequest,
-        held: Sequence[SloRequest],
+        load: AdmittedLoad,
         forecast: dict[str, float] | None = None,
     ) -> str:
         """The check that turns the candidate away for lack of compute ("" when none does):
@@ -329,13 +379,15 @@ class AdmissionController:
         """
         if self._hopeless(now, candidate):
             return "hopeless"
-        batch = _DecodeBatch(self._decoders(now, held))
-        queue = [r for r in held if r.output_tokens == 0]
-        without = self._forecast(now, batch.copy(), queue)
+        # Each forecast consumes its copy of the load's decode batch: the load serves the
+        # next candidate too.
+        batch = load.batch.copy()
+        queue = load.queue
+        without = self._forecast(now, load.batch.copy(), queue)
         alone: dict[str, float] | None = {}
         if candidate.output_tokens == 0:
-            alone = self._forecast(now, batch.copy(), [candidate])
-            queue.append(candidate)
+            alone = self._forecast(now, load.batch.copy(), [candidate])
+            queue = [*queue, candidate]
         else:  # resumed with tokens out already: it decodes (or recomputes) from the start
             for decoder in self._decoders(now, [candidate]):
                 batch.add(decoder)
@@ -353,9 +405,10 @@ class AdmissionController:
             late_alone = not pessimistic and alone_lateness > allowance
             return "late" if late_alone else "queue"
         if without is not None:
+            # The admitted requests the forecast gives a first token: those queued.
             allowances = {
                 r.request_id: self.allowance_s(now, r)
-                for r in held
+                for r in load.queue
                 if r.request_id in with_candidate
             }
             if self._made_late(with_candidate, without, allowances):
@@ -460,14 +513,14 @@ class AdmissionController:
             return True
         shape = StepShape(batch.count, batch.count, batch.context + batch.count)
         step = self.limits.decode_line(self.model.predict(shape))
-        for leaves, tpot, deadline, _ in batch.alive():
-            excess = step - tpot
-            if excess > 0 and (leaves - t) / tpot * excess > max(0.0, deadline - t):
+        for leaves, tpot, deadline, _ in batch.outpaced_by(step):
+            excess = step - tpot  # positive: only the decoders the step outpaces
+            if (leaves - t) / tpot * excess > max(0.0, deadline - t):
                 return False
         return True
 
     def _decode_left(self, request: SloRequest) -> int:
-        expected = self.lengths.expected(request.slo.length_group, request.max_tokens)
+        expected = self.lengths.expected(request.length_group, request.max_tokens)
         return max(1, expected - request.output_tokens)
 
     def _prefill_segment(
@@ -518,14 +571,13 @@ def _tightest_tpot(request: SloRequest) -> float:
     """Time per token the tightest stage still ahead of the request allows, as the judge
     counts it (1.05 x the budget, §2): a decode step a little over the budget still keeps the
     stream on time. Once it has ended its thinking, only its answer's TPOT is ahead."""
-    budgets = request.budgets
-    thinking = budgets.thinking_tpot_s if request.thinking else None
-    return min(budgets.tpot_s, thinking or math.inf) * TOLERANCE
+    return request.tightest_tpot_s * TOLERANCE
 
 
 # A decoder of the forward simulation: (leaves at, tightest TPOT, planning deadline of its next
 # token, context tokens).
 _Decoder = tuple[float, float, float, int]
+_tpot_of = operator.itemgetter(1)
 
 
 class _DecodeBatch:
@@ -533,19 +585,19 @@ class _DecodeBatch:
 
     Time only moves forward, so a decoder that has left never returns: heaps with lazy removal
     give the count, context and minima in O(log n) per change, where a scan per queued request
-    would cost O(n) each (a thousand decodes, a hundred waiting prompts).
+    would cost O(n) each (a thousand decodes, a hundred waiting prompts). The decoders are
+    also kept in order of TPOT, so that those a slow step falls behind, the few with the
+    tightest TPOTs, are found without a scan of all of them (outpaced_by).
     """
 
     def __init__(self, decoders: Sequence[_Decoder]) -> None:
         self.t = -math.inf
-        self.count = 0
-        self.context = 0
-        self._all: list[_Decoder] = []
-        self._leaving: list[tuple[float, int]] = []
-        self._tpots: list[tuple[float, float]] = []
-        self._deadlines: list[tuple[float, float]] = []
-        for decoder in decoders:
-            self._push(decoder)
+        self._by_tpot: list[_Decoder] = sorted(decoders, key=_tpot_of)
+        self.count = len(self._by_tpot)
+        self.context = sum(context for *_, context in self._by_tpot)
+        self._leaving = [(leaves, context) for leaves, _, _, context in self._by_tpot]
+        self._tpots = [(tpot, leaves) for leaves, tpot, _, _ in self._by_tpot]
+        self._deadlines = [(deadline, leaves) for leaves, _, deadline, _ in self._by_tpot]
         heapq.heapify(self._leaving)
         heapq.heapify(self._tpots)
         heapq.heapify(self._deadlines)
@@ -553,30 +605,23 @@ class _DecodeBatch:
     def copy(self) -> _DecodeBatch:
         twin = _DecodeBatch(())
         twin.t, twin.count, twin.context = self.t, self.count, self.context
-        twin._all = self._all.copy()
+        twin._by_tpot = self._by_tpot.copy()
         twin._leaving = self._leaving.copy()
         twin._tpots = self._tpots.copy()
         twin._deadlines = self._deadlines.copy()
         return twin
 
-    def alive(self) -> list[_Decoder]:
-        """The decoders that have not left by the current time."""
-        return [d for d in self._all if d[0] > self.t]
-
-    def _push(self, decoder: _Decoder) -> None:
-        self._all.append(decoder)
-        leaves, tpot, deadline, context = decoder
-        self._leaving.append((leaves, context))
-        self._tpots.append((tpot, leaves))
-        self._deadlines.append((deadline, leaves))
-        self.count += 1
-        self.context += context
+    def outpaced_by(self, step: float) -> list[_Decoder]:
+        """The decoders alive at the current time whose TPOT is shorter than `step`: those
+        that steps of `step` seconds fall behind."""
+        end = bisect.bisect_left(self._by_tpot, step, key=_tpot_of)
+        return [d for d in self._by_tpot[:end] if d[0] > self.t]
 
     def add(self, decoder: _Decoder) -> None:
         leaves, tpot, deadline, context = decoder
         if leaves <= self.t:
             return
-        self._all.append(decoder)
+        bisect.insort(self._by_tpot, decoder, key=_tpot_of)
         heapq.heappush(self._leaving, (leaves, context))
         heapq.heappush(self._tpots, (tpot, leaves))
         heapq.heappush(self._deadlines, (deadline, leaves))

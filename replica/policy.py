@@ -13,7 +13,12 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sloserve.replica.admission import AdmissionController, OutputLengths, Verdict
+from sloserve.replica.admission import (
+    AdmissionController,
+    AdmittedLoad,
+    OutputLengths,
+    Verdict,
+)
 from sloserve.replica.planner import LiveLimits, PlannerSettings, StepPlan, StepPlanner
 from sloserve.replica.slo_request import Mode, Reason, SloRequest
 from sloserve.slo import TOLERANCE
@@ -79,8 +84,15 @@ class SloPolicy:
 
     # -- arrivals and departures -----------------------------------------------------------
 
+    def arrivals(self, now: float) -> Arrivals:
+        """A batch for the requests arriving at `now`, decided together (see Arrivals)."""
+        return Arrivals(self, now)
+
     def arrive(self, now: float, request: SloRequest) -> Verdict:
         """Decides the request's admission; a request that is not rejected is tracked."""
+        return self.arrivals(now).arrive(request)
+
+    def _decide(self, load: AdmittedLoad, request: SloRequest) -> Verdict:
         # Admission judges the candidate as the engine would serve it once admitted: with
         # the step cap its TTFT brings. Only admitted requests keep the cap they brought.
         # The full budget, not what a retried request has left (already_waited): the cap is
@@ -88,7 +100,7 @@ class SloPolicy:
         uncapped = self.limits.max_step_s
         bearable = self._bearable_wait_s(request)
         self.limits.max_step_s = min(uncapped, bearable)
-        verdict = self.admission.decide(now, request, list(self.requests.values()))
+        verdict = self.admission.decide_in(load, request)
         name = request.slo.class_name
         if verdict.rejected or verdict.mode is Mode.BEST_EFFORT:
             self.limits.max_step_s = uncapped
@@ -177,14 +189,17 @@ class SloPolicy:
         self._learn_forecast_errors()
         expired: list[Expiry] = []
         idle_step = self.model.idle_decode_s() + self.limits.overhead_s
+        decoded_by = now + idle_step  # a decode's token, served next on an idle engine
+        max_step_tokens, delivery_s = self.settings.max_step_tokens, self.settings.delivery_s
         for request in self.requests.values():
             if not request.admitted:
                 continue
-            earliest = now + idle_step
-            if request.prefill_left:  # waiting, or recomputing after a preemption
-                prefill = self.model.prefill_s(request.prefill_left, self.settings.max_step_tokens)
+            earliest = decoded_by
+            prefill_left = request.prefill_left
+            if prefill_left:  # waiting, or recomputing after a preemption
+                prefill = self.model.prefill_s(prefill_left, max_step_tokens)
                 earliest = now + max(idle_step, prefill)
-            if earliest <= request.next_deadline(TOLERANCE, self.settings.delivery_s):
+            if earliest <= request.next_deadline(TOLERANCE, delivery_s):
                 continue
             if request.output_tokens == 0:
                 # Its first token misses: it would come at `earliest` at the soonest.
@@ -213,3 +228,29 @@ class SloPolicy:
         if request.admitted:
             return (0, request.next_deadline())
         return (1, request.arrival)
+
+
+class Arrivals:
+    """Requests that arrive at one moment (`now`), decided one by one in arrival order.
+
+    Admission weighs each against the admitted requests held (AdmittedLoad: their decode
+    batch, their queue, their KV). The load is gathered at the first arrival and each request
+    admitted joins it, so k requests arriving together cost one pass over the n held, where
+    deciding each on its own cost k. The verdicts are those of deciding each on its own, with
+    the ones before it in the table: so nothing else may change the policy's requests while a
+    batch is in use (a step planned, an expiry, a departure, progress). The engine adapter
+    keeps one for the requests that arrive between two steps; the simulator one per instant.
+    """
+
+    def __init__(self, policy: SloPolicy, now: float) -> None:
+        self.now = now
+        self._policy = policy
+        self._load: AdmittedLoad | None = None
+
+    def arrive(self, request: SloRequest) -> Verdict:
+        """Decides the request's admission; a request that is not rejected is tracked."""
+        policy = self._policy
+        if self._load is None:
+            held = [r for r in policy.requests.values() if r.admitted and r is not request]
+            self._load = policy.admission.load(self.now, held)
+        return policy._decide(self._load, request)

@@ -30,9 +30,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request, RequestStatus
 
+from sloserve.replica.admission import Verdict
 from sloserve.replica.deadline_queue import DeadlineQueue
 from sloserve.replica.planner import StepPlan, settings_for
-from sloserve.replica.policy import SloPolicy
+from sloserve.replica.policy import Arrivals, SloPolicy
 from sloserve.replica.reports import ReportSender, StepRecord, VerdictRecord
 from sloserve.replica.slo_request import Mode, Reason, SloRequest
 from sloserve.slo import Budgets, RequestSlo
@@ -93,6 +94,7 @@ class SloPolicyMixin:
     _steps_in_flight: dict[int, tuple[StepShape, int, float, float]]
     _outbox: list[tuple[int, str, str]]
     _expiring: set[str]
+    _arrivals: Arrivals | None
     _reasoning_parser: Any
     _cpu_engine: bool
 
@@ -113,6 +115,8 @@ class SloPolicyMixin:
         self._outbox = []
         # Requests the policy itself is ending (strict ones that expired), until freed.
         self._expiring = set()
+        # The batch deciding the requests that arrived since the last step (_decide).
+        self._arrivals = None
         # vLLM's reasoning parser of the model, when the engine has one (--reasoning-parser):
         # it tells when a request's thinking ends. One instance serves every request: only
         # its end-of-thinking check is used, which keeps no state.
@@ -179,7 +183,7 @@ class SloPolicyMixin:
             tracked.demote(Reason.NONE)
             policy.requests[request.request_id] = tracked
             return True
-        verdict = policy.arrive(now, tracked)
+        verdict = self._decide(policy, tracked)
         if verdict.rejected:
             event = "rejected"
         else:
@@ -190,6 +194,19 @@ class SloPolicyMixin:
             self._outbox.append((request.client_index, request.request_id, reason))
             return False
         return True
+
+    def _decide(self, policy: SloPolicy, tracked: SloRequest) -> Verdict:
+        """The policy's verdict on an arriving request.
+
+        The requests that arrive between two steps are decided together (SloPolicy.arrivals),
+        as of the first of them: the engine core takes them from its input queue back to back,
+        and what they are weighed against does not change until the next step, the next
+        output or a request's end, each of which starts a new batch. Deciding each against a
+        load gathered afresh cost a pass over every request held per arrival.
+        """
+        if self._arrivals is None:
+            self._arrivals = policy.arrivals(time.time())
+        return self._arrivals.arrive(tracked)
 
     def _report_verdict(
         self, tracked: SloRequest, event: str, reason: Reason, check: str = ""
@@ -217,6 +234,7 @@ class SloPolicyMixin:
         return bool(self._outbox) or bool(super().has_requests())  # type: ignore[misc]
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        self._arrivals = None  # the step changes what later arrivals are weighed against
         policy = self.slo_policy
         hidden: list[Request] = []
         held_back: list[Request] = []
@@ -279,9 +297,9 @@ class SloPolicyMixin:
             if tracked is None:
                 continue
             tracked.computed_tokens = request.num_computed_tokens
-            if tracked.decoding:
+            if tracked.prefill_left == 0:  # decoding
                 decoding.append(tracked)
-            elif tracked.prefill_left > 0:
+            else:
                 prefilling.append(tracked)
         return policy.plan(now, decoding, prefilling)
 
@@ -370,6 +388,7 @@ class SloPolicyMixin:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, *args: Any, **kwargs: Any
     ) -> dict[int, EngineCoreOutputs]:
+        self._arrivals = None  # progress changes what later arrivals are weighed against
         step = self._steps_in_flight.pop(id(scheduler_output), None)
         if step is not None and self._reports is not None:
             shape, prefill, started, plan_s = step
@@ -424,6 +443,7 @@ class SloPolicyMixin:
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
         # Every finished request passes here (stopped, length, or aborted by the client).
+        self._arrivals = None  # a departure changes what later arrivals are weighed against
         freed = super()._free_request(request, delay_free_blocks)  # type: ignore[misc]
         expired = request.request_id in self._expiring
         self._expiring.discard(request.request_id)

@@ -26,8 +26,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from sloserve.bench.types import BenchRequest, RequestRecord
+from sloserve.replica.admission import Verdict
 from sloserve.replica.planner import StepPlan
-from sloserve.replica.policy import PolicyCounters
+from sloserve.replica.policy import PolicyCounters, SloPolicy
 from sloserve.replica.slo_request import Mode, SloRequest
 from sloserve.simulator_policies import EngineLimits, Policy, PreemptingPolicy, make_policy
 from sloserve.slo import RequestSlo
@@ -147,6 +148,23 @@ class _Live:
     view: SloRequest
 
 
+class _ArrivalBatch(Protocol):
+    """The policy's verdicts on the requests arriving at one instant, in arrival order."""
+
+    def arrive(self, request: SloRequest) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class _EachAlone:
+    """A policy's verdicts on arrivals it decides one by one."""
+
+    policy: Policy
+    now: float
+
+    def arrive(self, request: SloRequest) -> Verdict:
+        return self.policy.arrive(self.now, request)
+
+
 class EngineHooks(Protocol):
     """How an engine behind a router (simulator_cluster.py) tells the router what happened.
     Alone, an engine needs none: it takes its own session rounds and rejects for good."""
@@ -252,9 +270,12 @@ class VirtualEngine:
         if at is None:
             return
         self.now = at
+        batch: _ArrivalBatch | None = None
         while self._arrivals and self._arrivals[0][0] <= self.now:
             _, _, request, arrived = heapq.heappop(self._arrivals)
-            self._arrive(request, arrived)
+            if batch is None:  # the arrivals due now are decided together
+                batch = self._arrival_batch()
+            self._arrive(request, arrived, batch)
         if self._decoding or self._prefilling:
             self._expire()
             if self._decoding or self._prefilling:
@@ -286,7 +307,15 @@ class VirtualEngine:
 
     # -- arrivals and departures ---------------------------------------------------------------
 
-    def _arrive(self, request: BenchRequest, at: float) -> None:
+    def _arrival_batch(self) -> _ArrivalBatch:
+        """Where the policy decides the requests arriving now: SloPolicy decides those that
+        arrive together against one view of what it holds (SloPolicy.arrivals), as the
+        replica's scheduler does; the stand-ins decide each on its own."""
+        if isinstance(self.policy, SloPolicy):
+            return self.policy.arrivals(self.now)
+        return _EachAlone(self.policy, self.now)
+
+    def _arrive(self, request: BenchRequest, at: float, batch: _ArrivalBatch) -> None:
         record = RequestRecord(request=request, sent_at=at)
         if request.index not in self._retried:  # a retry keeps the round's own record
             self._records[request.index] = record
@@ -308,7 +337,7 @@ class VirtualEngine:
             arrival_time=at,
         )
         view = SloRequest(rid, slo, request.prompt_tokens, max_tokens=request.max_tokens)
-        verdict = self.policy.arrive(self.now, view)
+        verdict = batch.arrive(view)
         if verdict.rejected:
             if self.hooks is not None and self.hooks.rejected(
                 request, at, verdict.reason.name, self.now

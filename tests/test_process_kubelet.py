@@ -222,8 +222,14 @@ def test_pods_with_one_fixed_port_serve_side_by_side_on_their_own_addresses(
     for ip in ips:
         with urllib.request.urlopen(f"http://{ip}:8080/greeting", timeout=5) as response:
             assert response.read() == b"hello from a volume"
-    deployment = procs.api.get(apps(namespace, "deployments", "files"))
-    assert deployment is not None and deployment["status"]["availableReplicas"] == 2
+
+    # The deployment controller counts the ready pods in its status a little after they are
+    # ready (later still on a loaded machine).
+    def available() -> bool:
+        deployment = procs.api.get(apps(namespace, "deployments", "files"))
+        return deployment is not None and deployment["status"].get("availableReplicas") == 2
+
+    eventually(available, 60, "2 available replicas in the deployment's status")
 
 
 @pytest.mark.kube

@@ -581,11 +581,15 @@ def test_a_class_with_no_known_lengths_counts_what_its_requests_write() -> None:
         verdict = admission.decide(0.0, request, held)
         assert verdict.reason is not Reason.MEMORY
         held.append(request)
-    assert admission._memory(burst[0], held) is Reason.NONE  # 19 x 600 + 6,200
+
+    def memory(request: SloRequest) -> Reason:
+        return admission._memory(admission.kv_tokens(request), admission.load(0.0, held))
+
+    assert memory(burst[0]) is Reason.NONE  # 19 x 600 + 6,200
     for _ in range(50):  # the class's own lengths, once known, replace the estimate
         admission.lengths.observe("tight", 16_000)
     assert admission.kv_tokens(burst[1]) == 200 + 16_000
-    assert admission._memory(burst[0], held) is Reason.MEMORY
+    assert memory(burst[0]) is Reason.MEMORY
 
 
 def test_with_no_lengths_known_at_all_a_request_counts_its_cap() -> None:
