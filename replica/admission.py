@@ -424,8 +424,8 @@ class AdmissionController:
 
         With the allowance positive (the forecast taken for pessimistic), lateness within it
         is the forecast's bias, not a miss: in a burst of short prompts a check counting any
-        lateness turned away requests that, admitted, left every admitted request on time
-        (docs/benchmarks.md). The allowance is a request's in all, not per newcomer: one
+        lateness turned away requests that, admitted, left every admitted request on time.
+        The allowance is a request's in all, not per newcomer: one
         predicted a little late stays protected, or each admission could push it a little
         further. With the allowance negative (a margin: the forecast measured optimistic), a
         request forecast on time but within the margin is at risk already; a newcomer may

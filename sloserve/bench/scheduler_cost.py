@@ -63,7 +63,6 @@ DEFAULT_LOADS = (16, 64, 256, 1024)
 # A100 profile of Llama-3-8B may be shipped (Vidur publishes no H100 timings of it).
 PREFERRED_PROFILES = (
     "gpu-llama-3-8b-h100-vidur",
-    "gpu-llama-3-8b-h100-derived",
     "gpu-llama-3-8b-a100-vidur",
 )
 # The decode step the methodology's GPU budgets are set against (docs/slo.md §4).

@@ -791,9 +791,9 @@ class _BurstWindow:
 
 # reasoning-burst: one request in ten is a reasoning request, and all of them arrive in a
 # window in the middle of a steady chat stream, at three times the chat stream's rate. The
-# window then takes 1/27 of the run: 37-62 s for 1,000 requests at 1-0.6 req/s (the simulated
-# A100's capacity for it is ~0.6 req/s). A reasoning request decodes ~7x a chat request's
-# tokens, so the window carries ~20x the chat stream's decode work.
+# window then takes 1/27 of the run: 37-62 s for 1,000 requests at 1-0.6 req/s (about stock
+# vLLM's capacity for it on the simulated A100). A reasoning request decodes ~7x a chat
+# request's tokens, so the window carries ~20x the chat stream's decode work.
 REASONING_BURST_SHARE = 0.1
 REASONING_BURST_FACTOR = 3.0
 
