@@ -15,7 +15,8 @@ Streams: `stream_options.include_usage` adds a last chunk with the usage; with
 gets a chunk, even one whose text is empty (the detokenizer holding back part of a
 character), as vLLM's server does: a client then counts tokens, and times each, exactly. The
 first chunk carries the `sloserve` report of how the request is served (admitted or best
-effort), and a demotion to best effort mid-stream sends a chunk with the report again: a
+effort), and a demotion to best effort mid-stream sends the report again at once, in a chunk
+with no choices (as the usage chunk has none), so that no client times it as a token: a
 client that stops reading before the end (it has what it wanted) still knows.
 
 A client that disconnects cancels its request: the handler is cancelled (the server runs it
@@ -322,27 +323,43 @@ class HttpApi:
         async def send(data: dict[str, Any]) -> None:
             await sse.write(f"data: {json.dumps(data)}\n\n".encode())
 
+        def notice(generation: _Generation) -> dict[str, Any]:
+            # No choices: benchmark clients (vLLM's among them) time every chunk with a choice
+            # as a token's arrival, and a notice is not one.
+            data = chunk | {"choices": [], "sloserve": generation.slo_report()}
+            if usage.continuous:
+                data["usage"] = generation.usage()
+            return data
+
         generation = _Generation()
         sent_first = False
+        # Text that came without a token (the tail the detokenizer held back, after the last
+        # token) rides on the finishing chunk: every chunk before it brings a token.
+        tail = ""
         try:
             responses = _chain(first, rest)
             async for response in responses:
                 tokens, demoted = generation.completion_tokens, generation.demoted
                 text = generation.feed(response)
-                counted = usage.continuous and generation.completion_tokens > tokens
+                added = generation.completion_tokens > tokens
+                if text and not added:
+                    tail, text = tail + text, ""
+                counted = usage.continuous and added
                 news = generation.demoted != demoted
                 chat_opens = kind.chat and not sent_first and generation.admission is not None
-                if not (text or counted or news or chat_opens):
+                if news:
+                    await send(notice(generation))
+                if not (text or counted or chat_opens):
                     continue
                 data = chunk | {"choices": [kind.chunk_choice(text, None, not sent_first)]}
-                if news or not sent_first:
+                if not sent_first:
                     data["sloserve"] = generation.slo_report()
                 if usage.continuous:
                     data["usage"] = generation.usage()
                 await send(data)
                 sent_first = True
             last = chunk | {
-                "choices": [kind.chunk_choice("", generation.finish_reason)],
+                "choices": [kind.chunk_choice(tail, generation.finish_reason)],
                 "sloserve": generation.slo_report(),
             }
             if usage.continuous:
