@@ -7,10 +7,19 @@ is a local process either way, given the replicas' endpoints.
 Each child runs in a session of its own, so Ctrl-C reaches only this process, which then
 stops the gateway first (it drains what is in flight) and the replicas after it. Logs go to
 one file per process, in a directory printed at start.
+
+Replicas plan with a step-time profile of the model they serve, measured on this machine:
+`--profile` when given, else MODEL/step-profile.json, else one measured first (`sloserve
+profile --quick`, on the cores the first replica gets) and kept beside the model. The launcher
+says which, and warns when the profile was measured on another machine or another model: an
+SLO scheduler planning with the wrong step times admits what it cannot serve, or turns away
+what it could. Replicas on a Ray cluster elsewhere choose their own (see the replica's log).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +32,7 @@ from typing import Protocol
 
 from sloserve.client import serving
 from sloserve.cpu_cores import replica_core_args
+from sloserve.machine import cpu_description
 
 STOP_TIMEOUT_S = 60
 
@@ -43,6 +53,13 @@ class StackSettings:
     log_dir: Path | None = None  # None: a new temporary directory
     backend: str = "local"  # local | ray
     ray_address: str | None = None  # None: start a local Ray (backend ray)
+    # The step-time profile replicas plan with; None: the model's own, measured if missing.
+    profile_file: Path | None = None
+
+    @property
+    def replicas_here(self) -> bool:
+        """Whether the replicas run on this machine (where a profile measured here fits)."""
+        return self.backend == "local" or self.ray_address is None
 
 
 @dataclass
@@ -77,11 +94,63 @@ def _sloserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "sloserve", *args]
 
 
-def _replica_args(settings: StackSettings) -> list[str]:
+def _kv_args(settings: StackSettings) -> list[str]:
+    return ["--kv-cache-gib", str(settings.kv_cache_gib)] if settings.kv_cache_gib else []
+
+
+def _replica_args(settings: StackSettings, profile: Path | None) -> list[str]:
     """What every replica is given besides its address and ports."""
     classes = ["--classes", str(settings.classes_file.resolve())] if settings.classes_file else []
-    kv = ["--kv-cache-gib", str(settings.kv_cache_gib)] if settings.kv_cache_gib else []
-    return ["--model", str(settings.model.resolve()), "--enforce-eager", *classes, *kv]
+    planning = ["--profile", str(profile.resolve())] if profile else []
+    model = ["--model", str(settings.model.resolve()), "--enforce-eager"]
+    return [*model, *classes, *_kv_args(settings), *planning]
+
+
+def planning_profile(settings: StackSettings, log_dir: Path) -> Path | None:
+    """The profile every replica plans with (measured now when the model has none); None
+    leaves the choice to each replica (on a Ray cluster elsewhere)."""
+    if settings.profile_file is not None:
+        return settings.profile_file
+    beside = settings.model / "step-profile.json"
+    if beside.exists() or not settings.replicas_here:
+        return beside if beside.exists() else None
+    out = beside if os.access(settings.model, os.W_OK) else log_dir / "step-profile.json"
+    log_path = log_dir / "profile.log"
+    print(
+        f"no step-time profile for {settings.model}: measuring one on this machine "
+        f"(sloserve profile --quick, a minute or two; log in {log_path})",
+        flush=True,
+    )
+    command = _sloserve(
+        "profile", "--model", str(settings.model.resolve()), "--quick", "--enforce-eager",
+        *_kv_args(settings), *replica_core_args(settings.replicas)[0], "--out", str(out),
+    )  # fmt: skip
+    with log_path.open("wb") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"profiling {settings.model} failed (exit {code}); see {log_path}")
+    return out
+
+
+def describe_profile(profile: Path, model: Path) -> list[str]:
+    """What a profile is and where it was measured, and a warning for each way it does not
+    fit this model on this machine."""
+    try:
+        metadata = json.loads(profile.read_text())
+    except (OSError, ValueError) as error:
+        return [f"warning: cannot read the profile {profile}: {error}"]
+    hardware = str(metadata.get("hardware", "unknown hardware"))
+    measured_for = Path(str(metadata.get("model", "an unnamed model"))).name
+    lines = [
+        f"replicas plan with {profile}: {measured_for}, measured on {hardware} "
+        f"at {metadata.get('measured_at', 'an unknown time')}"
+    ]
+    if measured_for != model.name:
+        lines.append(f"warning: the profile is of {measured_for}, not {model.name}")
+    here = cpu_description()
+    if hardware.startswith("CPU") and hardware != here:
+        lines.append(f"warning: the profile was measured on {hardware}; this machine is {here}")
+    return lines
 
 
 class ReplicaSet(Protocol):
@@ -99,14 +168,14 @@ class ReplicaSet(Protocol):
 
 
 class LocalReplicas:
-    def __init__(self, settings: StackSettings, log_dir: Path) -> None:
+    def __init__(self, settings: StackSettings, log_dir: Path, profile: Path | None) -> None:
         self.children = []
         # On a CPU machine, vLLM would put every replica's worker on the same cores.
         for i, binding in enumerate(replica_core_args(settings.replicas)):
             port = settings.first_replica_port + i
             command = _sloserve(
                 "replica", "--host", settings.host, "--port", str(port), "--metrics-port", "-1",
-                *_replica_args(settings), *binding,
+                *_replica_args(settings, profile), *binding,
             )  # fmt: skip
             endpoint = f"{settings.host}:{port}"
             self.children.append(
@@ -130,14 +199,17 @@ class LocalReplicas:
             child.stop()
 
 
-def _replica_set(settings: StackSettings, log_dir: Path) -> ReplicaSet:
+def _replica_set(settings: StackSettings, log_dir: Path, profile: Path | None) -> ReplicaSet:
     if settings.backend == "ray":
         from sloserve.gateway.ray_backend import RayReplicas
 
         return RayReplicas(
-            _replica_args(settings), settings.replicas, log_dir, address=settings.ray_address
+            _replica_args(settings, profile),
+            settings.replicas,
+            log_dir,
+            address=settings.ray_address,
         )
-    return LocalReplicas(settings, log_dir)
+    return LocalReplicas(settings, log_dir, profile)
 
 
 def _gateway(settings: StackSettings, endpoints: Sequence[str], log_dir: Path) -> _Child:
@@ -184,7 +256,17 @@ def run(settings: StackSettings) -> int:
     # Set both explicitly: a shell that starts this in the background ignores SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    replicas = _replica_set(settings, log_dir)
+    try:
+        profile = planning_profile(settings, log_dir)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped", flush=True)
+        return 0
+    for line in describe_profile(profile, settings.model) if profile else []:
+        print(line, flush=True)
+    replicas = _replica_set(settings, log_dir, profile)
     gateway: _Child | None = None
     try:
         endpoints = replicas.start()

@@ -131,6 +131,14 @@ def _add_replica(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="seconds SIGTERM waits for requests in flight (default: 300)",
     )
     p.add_argument(
+        "--wedge-timeout",
+        type=float,
+        default=120.0,
+        help="an engine with unfinished requests that finishes no step for this many seconds "
+        "is wedged: the replica stops serving and exits non-zero; 0 turns the check off "
+        "(default: 120)",
+    )
+    p.add_argument(
         "--build-model",
         choices=("tiny", "bench"),
         help="when --model holds no model, first build this random-weight model there "
@@ -158,6 +166,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         default_max_tokens=args.default_max_tokens,
         drain_timeout_s=args.drain_timeout,
+        wedge_timeout_s=args.wedge_timeout if args.wedge_timeout > 0 else None,
     )
     return asyncio.run(serve(settings))
 
@@ -413,6 +422,39 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="seconds a session stays pinned to its replica after its last round (default: 600)",
     )
     p.add_argument(
+        "--http-max-body-bytes",
+        type=int,
+        default=2 * 1024 * 1024,
+        help="largest HTTP request body; a larger one is answered 413 (default: 2 MiB)",
+    )
+    p.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an HTTP connection may take to send a request's headers, from its "
+        "opening or its previous response; idle keep-alive connections close after as long "
+        "(default: 30)",
+    )
+    p.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an HTTP request body may take to arrive whole; then 408 (default: 60)",
+    )
+    p.add_argument(
+        "--http-write-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a write to an HTTP client that stopped reading may stall before the "
+        "connection is closed; streams whose client reads are never cut (default: 60)",
+    )
+    p.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=1000,
+        help="open HTTP connections; one more is answered 503 and closed (default: 1000)",
+    )
+    p.add_argument(
         "--max-sessions",
         type=int,
         default=100_000,
@@ -423,6 +465,7 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _run_gateway(args: argparse.Namespace) -> int:
     from sloserve.errors import FieldError
+    from sloserve.gateway.http_limits import HttpLimits
     from sloserve.gateway.server import GatewaySettings, serve
 
     settings = GatewaySettings(
@@ -447,6 +490,13 @@ def _run_gateway(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         k8s_service=args.k8s_service,
         k8s_port=args.k8s_port,
+        http_limits=HttpLimits(
+            max_body_bytes=args.http_max_body_bytes,
+            header_timeout_s=args.http_header_timeout,
+            body_timeout_s=args.http_body_timeout,
+            write_timeout_s=args.http_write_timeout,
+            max_connections=args.http_max_connections,
+        ),
     )
     try:
         return asyncio.run(serve(settings))
@@ -484,6 +534,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--routing", choices=POLICIES, default="slack")
     p.add_argument("--classes", type=Path, help="SLO classes YAML for replicas and gateway")
     p.add_argument("--kv-cache-gib", type=float, help="KV cache per replica (default: 1 on CPU)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="step-time profile the replicas plan with (default: MODEL/step-profile.json, "
+        "measured first with `sloserve profile --quick` when missing)",
+    )
     p.add_argument("--log-dir", type=Path, help="where process logs go (default: a temp dir)")
     p.add_argument(
         "--backend",
@@ -506,6 +562,9 @@ def _run_up(args: argparse.Namespace) -> int:
     if args.ray_address and args.backend != "ray":
         print("error: --ray-address needs --backend ray", file=sys.stderr)
         return 2
+    if args.profile is not None and not args.profile.is_file():
+        print(f"error: --profile: no profile file at {args.profile}", file=sys.stderr)
+        return 2
     if not (args.model / "config.json").exists():
         if args.model != Path(".models/tiny"):
             print(f"error: --model: no model at {args.model}", file=sys.stderr)
@@ -527,6 +586,7 @@ def _run_up(args: argparse.Namespace) -> int:
             log_dir=args.log_dir,
             backend=args.backend,
             ray_address=args.ray_address,
+            profile_file=args.profile,
         )
     )
 

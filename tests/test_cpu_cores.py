@@ -54,7 +54,7 @@ def test_a_core_the_process_may_not_use_is_named() -> None:
 
 
 def test_sloserve_up_gives_each_local_replica_cores_of_its_own(tmp_path: Path) -> None:
-    stack = LocalReplicas(StackSettings(model=tmp_path, replicas=2), tmp_path)
+    stack = LocalReplicas(StackSettings(model=tmp_path, replicas=2), tmp_path, profile=None)
     given = []
     for child in stack.children:
         flag = child.command.index("--cpu-cores")

@@ -1,7 +1,10 @@
-"""`sloserve gateway` and `sloserve up` refuse bad arguments with a clear message (no engine)."""
+"""`sloserve gateway` and `sloserve up`: bad arguments refused with a clear message (no engine);
+`up` on a model with no profile measures one, plans with it and serves."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +16,7 @@ import pytest
 from conftest import REPO, free_port
 
 from sloserve.client import Client
+from sloserve.machine import cpu_description
 
 
 def sloserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -44,9 +48,12 @@ def test_up_needs_a_model_that_exists() -> None:
 def test_up_starts_the_stack_serves_and_stops_cleanly_on_ctrl_c(
     tiny_model: Path, tmp_path: Path
 ) -> None:
+    # A model with no profile beside it: `up` measures one on this machine and plans with it.
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("step-profile.json"))
     ports = {name: free_port() for name in ("port", "http", "metrics", "replica")}
     command = [
-        sys.executable, "-m", "sloserve", "up", "--replicas", "1", "--model", str(tiny_model),
+        sys.executable, "-m", "sloserve", "up", "--replicas", "1", "--model", str(model),
         "--port", str(ports["port"]), "--http-port", str(ports["http"]),
         "--metrics-port", str(ports["metrics"]), "--first-replica-port", str(ports["replica"]),
         "--log-dir", str(tmp_path / "logs"),
@@ -60,6 +67,11 @@ def test_up_starts_the_stack_serves_and_stops_cleanly_on_ctrl_c(
             assert time.monotonic() < deadline and up.poll() is None, "".join(printed)
             printed.append(up.stdout.readline())
         assert f"127.0.0.1:{ports['port']}" in "".join(printed)
+        profile = model / "step-profile.json"
+        said = f"replicas plan with {profile}: tiny, measured on {cpu_description()}"
+        assert any(line.startswith(said) for line in printed), "".join(printed)
+        assert not any(line.startswith("warning:") for line in printed), "".join(printed)
+        assert json.loads(profile.read_text())["model"] == str(model.resolve())
         with Client(f"127.0.0.1:{ports['port']}", timeout_s=60) as client:
             result = client.generate("Hello", slo_class="chat", max_tokens=4, ignore_eos=True)
         assert result.completion_tokens == 4
