@@ -17,6 +17,7 @@ from typing import Any
 
 from sloserve.bench import (
     planner_overhead,
+    referee,
     report,
     scenario_table,
     scheduler_cost_cli,
@@ -868,6 +869,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     planner_p.add_argument("--out", type=Path, required=True, help="results directory")
 
     scheduler_cost_cli.add_parser(verbs)
+    referee.add_parser(verbs)
 
     table_p = verbs.add_parser(
         "table", help="one table of several scenarios' `bench compare` results, with means"
@@ -947,6 +949,8 @@ def main(args: argparse.Namespace) -> int:
         return planner_command(args)
     if args.verb == "scheduler":
         return scheduler_cost_cli.command(args)
+    if args.verb == "referee":
+        return referee.command(args)
     if args.verb == "table":
         return table_command(args)
     workload_options.resolve(args)  # a bad --trace-file or --burst-* fails before any start
