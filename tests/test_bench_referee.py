@@ -5,10 +5,20 @@ quotes one."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
-from sloserve.bench.referee import ClientResult, RefereeSettings, client_command, markdown
+from sloserve.bench.process_cpu import Role, _role, cpu_by_role
+from sloserve.bench.referee import (
+    ClientResult,
+    RefereeSettings,
+    client_command,
+    cost_markdown,
+    markdown,
+)
 
 
 def _result(system: str, run: int, goodput: float, **changes: object) -> ClientResult:
@@ -48,3 +58,44 @@ def test_the_table_gives_the_ratio_of_medians_and_both_attainments() -> None:
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[:5] == ["chat", "20", "18.0, 20.0, 19.0", "19.0, 38.0, 20.9", "1.10x"]
     assert cells[7] == "95/99, 95/50, 100/-"
+
+
+def test_the_cost_table_gives_each_roles_median_and_the_front_path() -> None:
+    costs = [
+        {"vllm-api-server": 40.0, "engine-core": 300.0},
+        {"vllm-api-server": 50.0, "engine-core": 310.0},
+        {"vllm-api-server": 45.0, "engine-core": 290.0},
+    ]
+    results = [_result("vllm-default", i, 19.0, cpu_us_per_token=c) for i, c in enumerate(costs)]
+    ours_cost = {"gateway": 30.0, "replica-front-end": 35.0, "engine-core": 300.0}
+    results.append(_result("sloserve", 0, 19.0, cpu_us_per_token=ours_cost))
+    rows = {line.split("|")[1].strip(): line for line in cost_markdown(results).splitlines()[2:]}
+    stock = [c.strip() for c in rows["vllm-default"].strip("|").split("|")]
+    ours = [c.strip() for c in rows["sloserve"].strip("|").split("|")]
+    # system, rate, vllm-api-server, gateway, replica-front-end, engine-core, front path
+    assert stock == ["vllm-default", "20", "45", "-", "-", "300", "45"]
+    assert ours == ["sloserve", "20", "-", "30", "35", "300", "65"]
+
+
+def test_process_roles_come_from_command_lines_and_vllms_titles() -> None:
+    python = sys.executable
+    assert _role([python, "-m", "sloserve", "gateway", "--port", "1"], "python") is Role.GATEWAY
+    assert _role([python, "-m", "sloserve", "replica"], "python") is Role.REPLICA_FRONT_END
+    assert _role(["VLLM::EngineCore", ""], "VLLM::EngineCor") is Role.ENGINE_CORE
+    assert _role([python, "-m", "vllm.entrypoints.openai.api_server"], "python") is (
+        Role.VLLM_API_SERVER
+    )
+    assert _role([python, "-m", "sloserve", "vllm", "bench", "serve"], "python") is Role.CLIENT
+
+
+def test_cpu_time_of_a_child_is_counted_while_it_runs() -> None:
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while cpu_by_role().get(Role.OTHER, 0.0) < 0.3:
+            assert time.monotonic() < deadline, cpu_by_role()
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()

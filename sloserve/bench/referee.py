@@ -27,11 +27,11 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sloserve.bench import report
+from sloserve.bench import process_cpu, report
 from sloserve.bench.systems import SYSTEMS, EngineShape, running
 from sloserve.bench.targets import TargetKind
 from sloserve.machine import cpu_description
@@ -78,6 +78,10 @@ class ClientResult:
     # sloserve only: the gateway's attained / arrived over the same window; None otherwise.
     gateway_attainment: float | None = None
     gateway_arrived: int | None = None
+    tokens: int = 0  # output tokens streamed to this client
+    # CPU microseconds per streamed token of each serving role over the load point (every
+    # client's tokens together), process_cpu.Role values as keys; None until measured.
+    cpu_us_per_token: dict[str, float] | None = None
 
     @property
     def client_attainment(self) -> float:
@@ -149,7 +153,7 @@ def _run_client(
         failed=int(data["failed"]), good=round(goodput * duration), duration_s=duration,
         goodput_rps=goodput, mean_ttft_ms=float(data["mean_ttft_ms"]),
         p99_ttft_ms=float(data["p99_ttft_ms"]), mean_tpot_ms=float(data["mean_tpot_ms"]),
-        p99_tpot_ms=float(data["p99_tpot_ms"]),
+        p99_tpot_ms=float(data["p99_tpot_ms"]), tokens=int(data["total_output_tokens"]),
     )  # fmt: skip
 
 
@@ -160,31 +164,29 @@ def _load_point(
     """Every class's client at `rate`, at once; with the gateway's tallies around them."""
     gateway = system != "vllm-default"
     before = {c: _gateway_tally(base_url, c) for c in settings.classes} if gateway else {}
+    cpu_before = process_cpu.cpu_by_role()
     with ThreadPoolExecutor(len(settings.classes)) as pool:
         futures = [
             pool.submit(_run_client, settings, system, run, base_url, model_id, c, rate, log_dir)
             for c in settings.classes
         ]
         results = [f.result() for f in futures]
-    if not gateway:
-        return results
+    cpu = process_cpu.difference(process_cpu.cpu_by_role(), cpu_before)
+    tokens = sum(r.tokens for r in results)
+    serving = set(process_cpu.Role) - {process_cpu.Role.CLIENT, process_cpu.Role.OTHER}
+    per_token = {
+        role.value: 1e6 * seconds / tokens for role, seconds in cpu.items() if role in serving
+    } if tokens else None  # fmt: skip
     time.sleep(1.0)  # the gateway tallies a request once its stream has ended
     judged = []
     for result in results:
-        start, end = before[result.slo_class], _gateway_tally(base_url, result.slo_class)
-        if start is None or end is None or end[0] == start[0]:
-            judged.append(result)
-            continue
-        arrived, attained = end[0] - start[0], end[1] - start[1]
-        judged.append(
-            ClientResult(
-                **{
-                    **asdict(result),
-                    "gateway_attainment": attained / arrived,
-                    "gateway_arrived": arrived,
-                }
-            )
-        )
+        gateway_view: dict[str, Any] = {}
+        start = before.get(result.slo_class)
+        end = _gateway_tally(base_url, result.slo_class) if gateway else None
+        if start is not None and end is not None and end[0] > start[0]:
+            arrived, attained = end[0] - start[0], end[1] - start[1]
+            gateway_view = {"gateway_attainment": attained / arrived, "gateway_arrived": arrived}
+        judged.append(replace(result, cpu_us_per_token=per_token, **gateway_view))
     return judged
 
 
@@ -218,11 +220,16 @@ def _line(r: ClientResult) -> str:
         if r.gateway_attainment is not None
         else ""
     )
+    cost = (
+        ", CPU us/token " + " ".join(f"{k} {v:.0f}" for k, v in r.cpu_us_per_token.items())
+        if r.cpu_us_per_token
+        else ""
+    )
     return (
         f"run {r.run} {r.system:<13} {r.slo_class:<7} {r.rate:>5g} req/s: goodput "
         f"{r.goodput_rps:6.2f} req/s ({100 * r.client_attainment:5.1f}% of {r.num_prompts}, "
         f"{r.failed} failed), TTFT mean {r.mean_ttft_ms:.0f} ms p99 {r.p99_ttft_ms:.0f}, "
-        f"TPOT mean {r.mean_tpot_ms:.1f} ms p99 {r.p99_tpot_ms:.1f}{gateway}"
+        f"TPOT mean {r.mean_tpot_ms:.1f} ms p99 {r.p99_tpot_ms:.1f}{gateway}{cost}"
     )
 
 
@@ -237,7 +244,7 @@ def _save(settings: RefereeSettings, results: list[ClientResult]) -> None:
             "results": [asdict(r) for r in results],
         },
     )
-    (settings.out / "referee.md").write_text(markdown(results))
+    (settings.out / "referee.md").write_text(markdown(results) + "\n" + cost_markdown(results))
 
 
 def markdown(results: list[ClientResult]) -> str:
@@ -270,6 +277,37 @@ def markdown(results: list[ClientResult]) -> str:
             f"| {slo_class} | {rate:g} | {_goodputs(stock)} | {_goodputs(ours)} | {ratio} "
             f"| {_latency(stock)} | {_latency(ours)} | {agreement} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def cost_markdown(results: list[ClientResult]) -> str:
+    """CPU microseconds per streamed token, per serving role: the median over runs of each
+    load point (a load point's clients share one figure)."""
+    roles = [
+        r.value
+        for r in process_cpu.Role
+        if r not in (process_cpu.Role.CLIENT, process_cpu.Role.OTHER)
+    ]
+    lines = [
+        "| system | offered (req/s, per client) | " + " | ".join(roles) + " | front path |",
+        "|---|---|" + "---|" * (len(roles) + 1),
+    ]
+    points = sorted({(r.system, r.rate) for r in results if r.cpu_us_per_token})
+    for system, rate in points:
+        runs = {
+            r.run: r.cpu_us_per_token
+            for r in results
+            if (r.system, r.rate) == (system, rate) and r.cpu_us_per_token
+        }
+        cells = []
+        for role in roles:
+            values = [cost[role] for cost in runs.values() if role in cost]
+            cells.append(f"{_median(values):.0f}" if values else "-")
+        front = [
+            sum(v for k, v in cost.items() if k != process_cpu.Role.ENGINE_CORE.value)
+            for cost in runs.values()
+        ]
+        lines.append(f"| {system} | {rate:g} | " + " | ".join(cells) + f" | {_median(front):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -340,5 +378,5 @@ def command(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib,
     )  # fmt: skip
     results = run_referee(settings)
-    print(markdown(results), end="")
+    print(markdown(results) + "\n" + cost_markdown(results), end="")
     return 0
