@@ -7,19 +7,26 @@
    the rest is the replica's, whose INVALID_ARGUMENT is passed on unchanged.
 2. Try the replicas in rotation in the router's order (a session's replica first while it is
    feasible: session affinity), asking each for SLO admission
-   (allow_best_effort off). A rejection, or an unreachable replica, before any token has
-   been sent to the client moves on to the next replica: nothing was delivered, so the retry
-   is invisible. (The replica's Admission message is held back until the first token for
-   exactly this reason.) A retry is the same request, SLO class intact, with
-   `already_waited` set to the time since the gateway's arrival: the replica counts that
-   against the TTFT budget (its deadlines are the client's) and still serves and counts the
-   request in its class. Replicas whose load report is stale are probed first
-   (ReplicaPool.routable).
+   (allow_best_effort off). A rejection, or a replica that fails (unreachable, an error of
+   its own such as INTERNAL, or a stall: nothing sent for the stall timeout), before any
+   token has been sent to the client moves on to the next replica: nothing was delivered,
+   so the retry is invisible. (The replica's Admission message is held back until the first
+   token for exactly this reason.) A failed replica is out of rotation until its next load
+   report, a stalled one for a back-off (ReplicaPool). A retry is the same request, SLO
+   class intact, with `already_waited` set to the time since the gateway's arrival: the
+   replica counts that against the TTFT budget (its deadlines are the client's) and still
+   serves and counts the request in its class. Replicas whose load report is stale are
+   probed first (ReplicaPool.routable).
 3. No replica admits it: a request that accepts best effort waits in the spillover queue
    until a replica has room, then runs there as best effort; any other gets the rejection,
-   with the first replica's reason and the soonest retry-after.
+   with the first replica's reason and the soonest retry-after. No replica served it and
+   none rejected it: UNAVAILABLE, reason REPLICA_FAILED when replicas were tried and failed
+   (or its TTFT budget ran out on them), NO_REPLICA when none could be tried at all.
 4. Once tokens have been sent, a replica failure ends the stream with UNAVAILABLE saying how
    many tokens were delivered (a generation cannot be resumed elsewhere).
+
+Every request that ends with an error is counted by reason and logged, at most one line per
+reason a second (failure_log.py).
 
 The gateway judges every stream against its budgets on its own clock, from its own arrival
 time, and puts that outcome in the Completion it forwards.
@@ -28,7 +35,9 @@ time, and puts that outcome in the Completion it forwards.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -41,6 +50,7 @@ from sloserve import errors
 from sloserve.gateway import failures
 from sloserve.gateway.affinity import AffinityTable, SessionKey
 from sloserve.gateway.auth import ApiKeys, Tenant
+from sloserve.gateway.failure_log import ThrottledLog
 from sloserve.gateway.failures import GatewayError
 from sloserve.gateway.metrics import GatewayMetrics
 from sloserve.gateway.replica_pool import ReplicaHandle, ReplicaPool, Ticket
@@ -97,12 +107,47 @@ _PASSED_ON_OUTCOMES = {
 }
 
 
+# Errors of a replica itself (not of the request): retried elsewhere before the first token,
+# and never shown to a client as the replica's own answer. UNAVAILABLE: the replica or its
+# engine is gone; CANCELLED: the server cancelled the call on its way down (the gateway never
+# cancels a call it is still reading); INTERNAL, UNKNOWN: it failed the call.
+_REPLICA_FAULTS = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+
+# An ErrorInfo reason is a metrics label only in this shape (a bounded set in practice).
+_REASON_LABEL = re.compile(r"[A-Z][A-Z0-9_]{0,39}")
+# Failures the operator must look at (the others are the client's or the SLO's doing).
+_SERVER_FAULTS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+class Reroute(enum.Enum):
+    """Why a request was sent on to another replica (the label of the rerouted counter)."""
+
+    REJECTED = "rejected"  # not admitted with its SLO
+    UNREACHABLE = "unreachable"  # connection lost, or the replica is going away
+    FAILED = "failed"  # an error of the replica's own (INTERNAL), or a broken stream
+    STALLED = "stalled"  # nothing for the stall timeout
+
+
 class _Retry(Exception):
     """This replica will not serve the request, and nothing was sent to the client yet."""
 
-    def __init__(self, why: str, reason: str = "", retry_after_s: float | None = None) -> None:
-        super().__init__(why)
-        self.why = why  # "rejected" or "unreachable"
+    def __init__(
+        self,
+        why: Reroute,
+        replica: str,
+        what: str = "",
+        reason: str = "",
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(what or why.value)
+        self.why = why
+        self.replica = replica
+        self.what = what
         self.reason = reason
         self.retry_after_s = retry_after_s
 
@@ -168,6 +213,7 @@ class Dispatcher:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self._log = ThrottledLog(log)
 
     # -- validation ----------------------------------------------------------------------
 
@@ -235,16 +281,20 @@ class Dispatcher:
         # Metrics labels: only known classes, so bad input cannot grow the label set.
         requested = request.slo.class_name
         class_name = requested if self.catalog.get(requested) is not None else "unknown"
-        if self.draining:
-            raise failures.unavailable("the gateway is draining", "DRAINING")
-        tenant = self.authenticate(authorization)  # before anything else is looked at
         try:
-            class_name, budgets, waited = self._check(request)
-        except errors.FieldError as bad:
-            self._record(class_name, "invalid", None)
-            raise failures.invalid(bad.field, bad.description) from None
-        if tenant is not None:
-            self._admit_tenant(tenant, class_name)
+            if self.draining:
+                raise failures.unavailable("the gateway is draining", "DRAINING")
+            tenant = self.authenticate(authorization)  # before anything else is looked at
+            try:
+                class_name, budgets, waited = self._check(request)
+            except errors.FieldError as bad:
+                self._record(class_name, "invalid", None)
+                raise failures.invalid(bad.field, bad.description) from None
+            if tenant is not None:
+                self._admit_tenant(tenant, class_name)
+        except GatewayError as error:
+            self._failed(error, request.request_id or "(no id)")
+            raise
         forward = inference_pb2.GenerateRequest()
         forward.CopyFrom(request)
         if tenant is not None:
@@ -262,14 +312,15 @@ class Dispatcher:
         self.idle.clear()
         outcome = "error"
         try:
-            rejections: list[_Retry] = []
-            async for response in self._route(forward, shape, stream, rejections):
+            retries: list[_Retry] = []
+            async for response in self._route(forward, shape, stream, retries):
                 yield response
             if stream.started:
                 outcome = self._outcome(stream)
                 return
+            rejections = [r for r in retries if r.why is Reroute.REJECTED]
             if not rejections:
-                raise failures.unavailable(self._no_replica_message(), "NO_REPLICA")
+                raise self._unserved(retries)
             if not request.allow_best_effort or not self._may_spill(class_name):
                 raise self._rejection(rejections, class_name)
             async for response in self._spill(forward, shape, stream, rejections[0].reason):
@@ -279,6 +330,7 @@ class Dispatcher:
             outcome = error.outcome
             if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.metrics.rejections.labels(class_name, error.details.reason).inc()
+            self._failed(error, stream.request_id)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
@@ -297,9 +349,10 @@ class Dispatcher:
         forward: inference_pb2.GenerateRequest,
         shape: RequestShape,
         stream: _Stream,
-        rejections: list[_Retry],
+        retries: list[_Retry],
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Tries replicas in order until one serves the request; fills `rejections`."""
+        """Tries replicas in order until one serves the request; fills `retries` with why
+        each replica tried did not."""
         tried: set[str] = set()
         session = _session_key(forward)
         while True:
@@ -328,10 +381,10 @@ class Dispatcher:
                     yield response
                 return
             except _Retry as retry:
-                self.metrics.rerouted.labels(retry.why).inc()
-                if retry.why == "rejected":
+                self.metrics.rerouted.labels(retry.why.value).inc()
+                if retry.why is Reroute.REJECTED:
                     self.metrics.replica_rejections.labels(replica.endpoint, retry.reason).inc()
-                    rejections.append(retry)
+                retries.append(retry)
 
     def _prefer_pinned(self, session: SessionKey, ranked: list[C], shape: RequestShape) -> list[C]:
         """`ranked` with the session's pinned replica first, while it is in rotation and its
@@ -386,7 +439,7 @@ class Dispatcher:
             except _Retry as retry:
                 # The replica filled up (or went away) since it reported room: back in line,
                 # keeping its place (deadline) and its TTL.
-                self.metrics.rerouted.labels(retry.why).inc()
+                self.metrics.rerouted.labels(retry.why.value).inc()
                 entry.granted = asyncio.get_running_loop().create_future()
                 self.queue.requeue(entry)
                 self.drainer.poke()
@@ -425,9 +478,14 @@ class Dispatcher:
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    replica.call_failed("stalled")
+                    backoff = replica.stalled()
+                    self.metrics.replica_stalls.labels(replica.endpoint).inc()
                     self._fail(
-                        replica, stream, f"sent nothing for {self.settings.stall_timeout_s} s"
+                        replica,
+                        stream,
+                        f"sent nothing for {self.settings.stall_timeout_s:g} s (out of "
+                        f"rotation for {backoff:.0f} s)",
+                        Reroute.STALLED,
                     )
                 event = response.WhichOneof("event")
                 if event == "admission" and not stream.started:
@@ -445,6 +503,7 @@ class Dispatcher:
                 elif event == "demotion":
                     stream.demoted = True
                 elif event == "completion":
+                    ticket.served()
                     self._judge_completion(response, stream)
                     yield response
                     return
@@ -455,7 +514,7 @@ class Dispatcher:
             call.cancel()
             ticket.close()
         # A stream that ends without a Completion is a broken replica.
-        self._fail(replica, stream, "ended the stream without a completion")
+        self._fail(replica, stream, "ended the stream without a completion", Reroute.FAILED)
 
     def _replica_error(
         self, error: grpc.aio.AioRpcError, replica: ReplicaHandle, stream: _Stream
@@ -465,21 +524,28 @@ class Dispatcher:
         status = errors.rich_status(error)  # passed on unchanged, rich details included
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not stream.started:
             details = errors.status_details(status)
-            raise _Retry("rejected", details.reason, details.retry_after_s)
-        # A replica process that dies shows as UNAVAILABLE (connection lost) or CANCELLED
-        # (the server cancelled the call on its way down); the gateway never cancels a call
-        # it is still reading.
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            replica.call_failed(f"call failed: {error.details()}")
-            self._fail(replica, stream, f"is unavailable ({error.details()})")
+            raise _Retry(
+                Reroute.REJECTED, replica.endpoint, "", details.reason, details.retry_after_s
+            )
+        if code in _REPLICA_FAULTS:
+            # Out until its next load report, which says whether it still serves (a replica
+            # whose engine died reports not ready, then exits).
+            replica.call_failed(f"call failed: {code.name}: {error.details()}")
+            gone = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            why = Reroute.UNREACHABLE if gone else Reroute.FAILED
+            self._fail(replica, stream, f"failed: {code.name}: {error.details()}", why)
         outcome = _PASSED_ON_OUTCOMES.get(code, "error")
         raise GatewayError(status, outcome)  # the replica's own answer, unchanged
 
-    def _fail(self, replica: ReplicaHandle, stream: _Stream, what: str) -> NoReturn:
+    def _fail(self, replica: ReplicaHandle, stream: _Stream, what: str, why: Reroute) -> NoReturn:
         """A replica failed: retry elsewhere if nothing was sent, else end the stream."""
         if not stream.started:
-            log.warning("replica %s %s; re-routing %s", replica.endpoint, what, stream.request_id)
-            raise _Retry("unreachable")
+            self._log.log(
+                logging.WARNING,
+                f"reroute {why.value} {replica.endpoint}",
+                f"replica {replica.endpoint} {what}; re-routing {stream.request_id}",
+            )
+            raise _Retry(why, replica.endpoint, what)
         delivered = len(stream.token_times)
         raise failures.unavailable(
             f"replica {replica.endpoint} failed mid-stream ({what}) after {delivered} tokens "
@@ -517,6 +583,33 @@ class Dispatcher:
             f"{reason.lower()})",
             min(hints) if hints else 1.0,
             "rejected",
+        )
+
+    def _unserved(self, retries: list[_Retry]) -> GatewayError:
+        """UNAVAILABLE for a request that no replica served nor rejected: REPLICA_FAILED when
+        replicas were tried (and failed, or its TTFT budget ran out on them), else
+        NO_REPLICA."""
+        if not retries:
+            return failures.unavailable(self._no_replica_message(), "NO_REPLICA")
+        tried = "; ".join(f"{r.replica} {r.what}" for r in retries)
+        return failures.unavailable(
+            f"no replica served the request before its first token ({tried})",
+            "REPLICA_FAILED",
+            tokens_delivered="0",
+            replica=retries[-1].replica,
+        )
+
+    def _failed(self, error: GatewayError, request_id: str) -> None:
+        """Counts and logs (throttled) a request that ends with `error`."""
+        reason = error.details.reason
+        if not _REASON_LABEL.fullmatch(reason):
+            reason = error.code.name
+        self.metrics.failed.labels(reason).inc()
+        level = logging.WARNING if error.code in _SERVER_FAULTS else logging.INFO
+        self._log.log(
+            level,
+            f"failed {reason}",
+            f"request {request_id} failed ({error.code.name}, {reason}): {error.status.message}",
         )
 
     def _no_replica_message(self) -> str:

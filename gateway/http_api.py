@@ -3,12 +3,17 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming over SSE
 when `stream` is true), GET /v1/slo/summary (for operators), GET /healthz.
 
-Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`:
-400 names the bad field in `param`; 401 (no or unknown API key, when keys are on) and 403 (an
-SLO class the tenant may not use) carry the reason in `code`; 429 (not admitted, queue full,
-over the tenant's rate limit) carries the reason in `code` and a Retry-After header; 503
-when no replica can take requests. A stream that fails after it started ends with one
-`data: {"error": ...}` event instead of `data: [DONE]`.
+Errors use OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`, whatever
+the failure: 400 names the bad field in `param` (every number is range-checked, and NaN,
+Infinity, unpaired surrogate escapes and too deep nesting are refused: openai_format.py);
+401 (no or unknown API key, when keys are on) and 403 (an SLO class the tenant may not use)
+carry the reason in `code`; 404/405 for an unknown route or method; 408 (the body came too
+slowly), 413 (the body is over the cap) and 415 (a charset other than UTF-8) carry it in
+`code` too (http_limits.py has the limits); 429 (not admitted, queue full, over the tenant's
+rate limit) carries the reason in `code` and a Retry-After header; 503 when no replica can
+take requests, or the gateway has its most connections open; 500, logged with its
+traceback, for a failure of the gateway's own. A stream that fails after it started ends
+with one `data: {"error": ...}` event instead of `data: [DONE]`.
 
 Streams: `stream_options.include_usage` adds a last chunk with the usage; with
 `continuous_usage_stats` too, every chunk carries the cumulative usage and every token delta
@@ -26,12 +31,13 @@ in the engine.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +48,7 @@ from sloserve.errors import FieldError
 from sloserve.gateway import openai_format as oai
 from sloserve.gateway.dispatch import Dispatcher
 from sloserve.gateway.failures import GatewayError
+from sloserve.gateway.http_limits import HttpLimits, RequestRefused, read_body
 from sloserve.protoconv import seconds
 from sloserve.v1 import inference_pb2, slo_pb2
 
@@ -55,24 +62,10 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "slo_rejected",
-    503: "service_unavailable",
-    504: "deadline_exceeded",
-}
-
-
-def _error_body(status: int, message: str, param: str | None, code: str | None) -> dict[str, Any]:
-    kind = _ERROR_TYPES.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _field_error(bad: FieldError) -> web.Response:
-    return web.json_response(_error_body(400, str(bad), bad.field, None), status=400)
+    return web.json_response(oai.error_body(400, str(bad), bad.field, None), status=400)
 
 
 @dataclass(frozen=True)
@@ -93,7 +86,9 @@ def _gateway_error(error: GatewayError, prompt_field: str) -> _HttpError:
     param = oai.body_field(details.field, prompt_field) if details.field else None
     if param is not None and details.field != param:
         message = f"{param}: {message.split(': ', 1)[-1]}"
-    return _HttpError(status, _error_body(status, message, param, details.reason or None), headers)
+    return _HttpError(
+        status, oai.error_body(status, message, param, details.reason or None), headers
+    )
 
 
 @dataclass
@@ -194,14 +189,18 @@ class HttpApi:
         dispatcher: Dispatcher,
         model_names: list[str],
         status: Callable[[], dict[str, Any]],
+        limits: HttpLimits | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._models = model_names
         self._status = status
+        self._limits = limits or HttpLimits()
         self._created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(
+            client_max_size=self._limits.max_body_bytes, middlewares=[_json_errors]
+        )
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -237,9 +236,11 @@ class HttpApi:
 
     async def _serve(self, http: web.Request, kind: _Kind) -> web.StreamResponse:
         try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _field_error(FieldError("body", "must be JSON"))
+            body = oai.parse_json(_text(http, await read_body(http, self._limits)))
+        except RequestRefused as refused:
+            return await _refuse(http, refused)
+        except FieldError as bad:
+            return _field_error(bad)
         try:
             if not isinstance(body, dict):
                 raise FieldError("body", "must be a JSON object")
@@ -249,7 +250,7 @@ class HttpApi:
             if model not in self._models:
                 message = f"model {model!r} is not served; served: {self._models}"
                 return web.json_response(
-                    _error_body(404, message, "model", "model_not_found"), status=404
+                    oai.error_body(404, message, "model", "model_not_found"), status=404
                 )
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
@@ -370,10 +371,76 @@ class HttpApi:
             await sse.write(b"data: [DONE]\n\n")
         except GatewayError as error:
             await send(_gateway_error(error, kind.prompt_field).body)
+        except ConnectionError:
+            raise  # the client went away: nothing to tell it
+        except Exception:
+            # The headers are sent: the stream can only end with an error event.
+            log.exception("a stream failed")
+            await send(oai.error_body(500, "internal error", None, None))
         finally:
             await rest.aclose()
         await sse.write_eof()
         return sse
+
+
+def _text(http: web.Request, raw: bytes) -> str:
+    """The body as text: JSON is UTF-8 (RFC 8259), and a charset naming another is refused."""
+    charset = http.charset
+    if charset is not None:
+        try:
+            known = codecs.lookup(charset).name
+        except LookupError:
+            known = None
+        if known not in ("utf-8", "ascii"):
+            message = f"charset {charset!r} is not supported: send JSON in UTF-8"
+            raise RequestRefused(415, message, "unsupported_charset")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as bad:
+        raise FieldError("body", f"must be UTF-8: {bad.reason} at byte {bad.start}") from None
+
+
+async def _refuse(http: web.Request, refused: RequestRefused) -> web.Response:
+    body = oai.error_body(refused.status, refused.message, None, refused.code)
+    response = web.json_response(body, status=refused.status)
+    if not refused.close:
+        return response
+    # Sent and closed here: aiohttp would otherwise keep reading the slow body for up to
+    # its lingering time before closing.
+    response.force_close()
+    await response.prepare(http)
+    await response.write_eof()
+    if http.transport is not None:
+        http.transport.close()
+    return response
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every answer in OpenAI's error shape: aiohttp's own (unknown route, wrong method) and
+    an unexpected failure's (500, logged with its traceback) alike."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+        if error.status == 404:
+            message = f"no such route: {request.method} {request.path}"
+        elif error.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = error.reason
+        body = oai.error_body(error.status, message, None, None)
+        return web.json_response(body, status=error.status, headers=headers)
+    except ConnectionError:
+        raise  # the client went away: nothing to tell it
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        body = oai.error_body(500, "internal error", None, None)
+        return web.json_response(body, status=500)
 
 
 async def _chain(

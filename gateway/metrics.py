@@ -43,8 +43,24 @@ class GatewayMetrics:
         )
         self.rerouted = Counter(
             "sloserve_gateway_rerouted",
-            "Requests re-sent to another replica before any token, by why (rejected, unreachable).",
+            "Requests re-sent to another replica before any token, by why (rejected, "
+            "unreachable, failed: an error from the replica, stalled: it sent nothing for the "
+            "stall timeout).",
             ["why"],
+            registry=r,
+        )
+        self.failed = Counter(
+            "sloserve_gateway_failed_requests",
+            "Requests that ended with an error, by reason: the error's ErrorInfo reason "
+            "(NO_REPLICA, REPLICA_FAILED, COMPUTE, QUEUE_FULL, ...), else its gRPC code.",
+            ["reason"],
+            registry=r,
+        )
+        self.replica_stalls = Counter(
+            "sloserve_gateway_replica_stalls",
+            "Calls a replica answered nothing to for the stall timeout, by replica; each takes "
+            "the replica out of rotation for a back-off.",
+            ["replica"],
             registry=r,
         )
         self.spilled = Counter(

@@ -10,14 +10,24 @@ Load reports arrive once per interval; between them the gateway adds what it sen
 
 A replica whose latest report is older than two intervals (a slow or stuck watch, a replica
 busy enough to report late) is asked directly before it is routed to: `Probe` answers with
-its queue now, and a replica that answers is routed to on that answer; one that does not is
-left out until its next report (`ReplicaPool.routable`).
+its queue now, and a replica that answers is routed to on that answer. One that answers late
+(a busy host answers everything late) is still routed to, ranked on its latest report plus
+its silence since (`ReplicaHandle.lag_s`); one that refuses or cannot be reached is left out
+until its next report (`ReplicaPool.routable`).
+
+Failed calls take a replica out too (ReplicaHandle.call_failed): until its next report for an
+error (the next report says whether it still serves), and for an exponential back-off for a
+stall (a call that sent nothing for the stall timeout), however ready its reports say it is:
+a replica whose engine hangs keeps reporting, and without the back-off every report would
+bring it back to cost one more request the whole stall timeout. The back-off doubles with
+each stall in a row and is forgotten at the replica's next successful request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import math
 import time
@@ -59,6 +69,26 @@ class Outstanding:
 
 
 @dataclass(frozen=True)
+class StallBackoff:
+    """How long a replica that stalled stays out of rotation: `first_s`, doubling with each
+    stall in a row, at most `max_s`."""
+
+    first_s: float = 10.0
+    max_s: float = 300.0
+
+    def after(self, stalls: int) -> float:
+        """The back-off after the `stalls`-th stall in a row (1 for the first)."""
+        return float(min(self.max_s, self.first_s * 2 ** max(0, stalls - 1)))
+
+
+class ProbeResult(enum.Enum):
+    ANSWERED = "answered"  # routed on its answer
+    LATE = "late"  # no answer within the timeout: routed on its latest report
+    REFUSED = "refused"  # draining: not routed to
+    FAILED = "failed"  # an error: out of rotation until its next report
+
+
+@dataclass(frozen=True)
 class Probed:
     """A Probe answer: when it came, and the replica's predicted TTFT for a 1-token prompt
     (its queue of prefill work, as the replica itself measures its speed)."""
@@ -76,6 +106,7 @@ class Ticket:
         self._prompt_tokens = prompt_tokens
         self._awaiting = True
         self._open = True
+        self.sent_at = time.monotonic()
         self._epoch = handle.load_epoch  # the replica's figures do not include it yet
         o = handle.outstanding
         o.in_flight += 1
@@ -92,6 +123,10 @@ class Ticket:
             if self._epoch == self._handle.load_epoch:
                 o.unreported_prompt_tokens -= self._prompt_tokens
 
+    def served(self) -> None:
+        """The request completed: the replica works (its stall back-off is forgotten)."""
+        self._handle.served(self.sent_at)
+
     def close(self) -> None:
         if self._open:
             self.first_token()
@@ -103,7 +138,12 @@ class Ticket:
 class ReplicaHandle:
     """One replica: its stubs, latest load report, and what the gateway has on it."""
 
-    def __init__(self, endpoint: str, on_finished: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        on_finished: Callable[[], None],
+        stall_backoff: StallBackoff | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
@@ -117,15 +157,23 @@ class ReplicaHandle:
         self.load_epoch = 0
         self.watching = False
         self.failure = "no load report yet"  # why it is out of rotation; "" when it is not
+        # Its latest Probe got no answer within the timeout (none since the latest report).
+        self.probe_late = False
+        # Stalls in a row, the latest one's time.monotonic(), and the end of its back-off.
+        self.stalls = 0
+        self.stalled_at = -math.inf
+        self.ejected_until = -math.inf
+        self.stall_backoff = stall_backoff or StallBackoff()
         self.outstanding = Outstanding()
         self.removed = False
         self._on_finished = on_finished
-        self._probing: asyncio.Task[bool] | None = None
+        self._probing: asyncio.Task[ProbeResult] | None = None
 
     def accept(self, report: replica_control_pb2.LoadReport) -> None:
         self.report = report
         self.report_at = time.monotonic()
         self.probed = None
+        self.probe_late = False
         self._new_epoch()
         self.watching = True
         self.failure = ""
@@ -139,14 +187,20 @@ class ReplicaHandle:
         """time.monotonic() of the latest report or probe answer."""
         return max(self.report_at, self.probed.at if self.probed is not None else 0.0)
 
-    async def probe(self, timeout_s: float) -> bool:
+    @property
+    def lag_s(self) -> float:
+        """What routing adds to the predicted TTFT for what it does not know: a replica whose
+        Probe went unanswered may have queued up anything since its latest report."""
+        return time.monotonic() - self.heard_at if self.probe_late else 0.0
+
+    async def probe(self, timeout_s: float) -> ProbeResult:
         """Asks the replica for its queue now (one Probe at a time per replica; concurrent
-        callers share it). True when it answered and takes requests."""
+        callers share it)."""
         if self._probing is None or self._probing.done():
             self._probing = asyncio.create_task(self._probe(timeout_s))
         return await asyncio.shield(self._probing)
 
-    async def _probe(self, timeout_s: float) -> bool:
+    async def _probe(self, timeout_s: float) -> ProbeResult:
         # The smallest request of the default class: its predicted TTFT is the replica's
         # queue ahead of any new request, by the replica's own measured prefill speed.
         request = replica_control_pb2.ProbeRequest(prompt_tokens=1, max_tokens=1)
@@ -154,17 +208,21 @@ class ReplicaHandle:
         try:
             answer = await self.control.Probe(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            # A slow answer only keeps it out of this request's choice (a busy replica on a
-            # loaded host answers late); an unreachable one is out until its next report.
-            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                self.call_failed(f"probe failed: {error.code().name}")
-            return False
+            # A slow answer is no failure (a busy replica on a loaded host answers late, and
+            # so does every other then); an unreachable one is out until its next report.
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                if self.load_epoch == sent_epoch:
+                    self.probe_late = True
+                return ProbeResult.LATE
+            self.call_failed(f"probe failed: {error.code().name}")
+            return ProbeResult.FAILED
         if answer.reason == slo_pb2.REJECT_REASON_DRAINING:
-            return False
+            return ProbeResult.REFUSED
         if self.load_epoch == sent_epoch:  # no report overtook the answer
             self.probed = Probed(time.monotonic(), seconds(answer.predicted_ttft))
+            self.probe_late = False
             self._new_epoch()
-        return True
+        return ProbeResult.ANSWERED
 
     def lose(self, why: str) -> None:
         """The watch broke or a call found the replica unreachable: out of rotation until
@@ -173,7 +231,30 @@ class ReplicaHandle:
         self.failure = why
 
     def call_failed(self, why: str) -> None:
+        """Out of rotation until its next load report."""
         self.failure = why
+
+    def stalled(self) -> float:
+        """A call to it sent nothing for the stall timeout: out of rotation for a back-off,
+        whatever its reports say; returns the back-off. Calls that stall together (one hang
+        caught them all) count as one stall."""
+        now = time.monotonic()
+        if now < self.ejected_until:
+            return self.ejected_until - now
+        self.stalls += 1
+        self.stalled_at = now
+        backoff = self.stall_backoff.after(self.stalls)
+        self.ejected_until = now + backoff
+        return backoff
+
+    def served(self, sent_at: float) -> None:
+        """A request sent at `sent_at` completed; one sent after its latest stall proves the
+        replica works again."""
+        if self.stalls and sent_at > self.stalled_at:
+            log.info(
+                "replica %s served a request again after %d stall(s)", self.endpoint, self.stalls
+            )
+            self.stalls = 0
 
     def finished(self) -> None:
         self._on_finished()
@@ -184,6 +265,8 @@ class ReplicaHandle:
             return "removed"
         if self.failure:
             return self.failure
+        if now < self.ejected_until:
+            return f"stalled ({self.stalls} in a row); back in {self.ejected_until - now:.1f} s"
         if self.report is None or not self.watching:
             return "no load report"
         if now - self.heard_at > stale_after_s:
@@ -199,15 +282,18 @@ class ReplicaPool:
     """All replicas, their load watches, and the listeners told when capacity may have
     changed (a new report, a finished request, a replica joining or leaving)."""
 
-    def __init__(self, report_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, report_interval_s: float = 0.25, stall_backoff: StallBackoff | None = None
+    ) -> None:
         self.report_interval_s = report_interval_s
+        self.stall_backoff = stall_backoff or StallBackoff()
         # A replica silent for a few intervals (hung, or a partitioned network) is out.
         self.stale_after_s = max(1.0, 4 * report_interval_s)
         # A report older than this is asked about (Probe) before the replica is routed to:
         # one interval late is jitter, two is a replica worth asking.
         self.probe_after_s = 2 * report_interval_s
-        # A replica that cannot answer a probe this fast is no place for a request with a
-        # TTFT budget; it stays out until its next report.
+        # A replica that cannot answer a probe this fast is routed to on its latest report,
+        # its silence counted against it (ReplicaHandle.lag_s).
         self.probe_timeout_s = max(0.05, min(0.2, report_interval_s))
         self._replicas: dict[str, ReplicaHandle] = {}
         self._watches: dict[str, asyncio.Task[None]] = {}
@@ -238,7 +324,9 @@ class ReplicaPool:
     async def routable(self, exclude: Iterable[str] = ()) -> list[ReplicaHandle]:
         """The replicas a request may go to now, in endpoint order: those in rotation with a
         fresh report, and those whose report is stale (but whose watch is still open) that
-        answer a Probe now, so routing ranks them on their queue as of now."""
+        are asked with a Probe: ranked on their queue as of now when they answer in time, on
+        their latest report and its age when they answer late, and left out when they
+        refuse or fail."""
         now, skip = time.monotonic(), set(exclude)
         fresh: list[ReplicaHandle] = []
         stale: list[ReplicaHandle] = []
@@ -254,10 +342,11 @@ class ReplicaPool:
                 stale.append(handle)
         if not stale:
             return fresh
-        answered = await asyncio.gather(*(h.probe(self.probe_timeout_s) for h in stale))
-        if not all(answered):
+        results = await asyncio.gather(*(h.probe(self.probe_timeout_s) for h in stale))
+        if ProbeResult.FAILED in results:
             self._notify()  # a failed probe took a replica out of rotation
-        probed = [h for h, ok in zip(stale, answered, strict=True) if ok]
+        usable = (ProbeResult.ANSWERED, ProbeResult.LATE)
+        probed = [h for h, result in zip(stale, results, strict=True) if result in usable]
         return sorted([*fresh, *probed], key=lambda h: h.endpoint)
 
     def ticket(self, handle: ReplicaHandle, prompt_tokens: int) -> Ticket:
@@ -266,7 +355,7 @@ class ReplicaPool:
     def add(self, endpoint: str) -> None:
         if endpoint in self._replicas:
             return
-        handle = ReplicaHandle(endpoint, self._notify)
+        handle = ReplicaHandle(endpoint, self._notify, self.stall_backoff)
         self._replicas[endpoint] = handle
         self._watches[endpoint] = asyncio.create_task(self._watch(handle), name=f"watch {endpoint}")
         log.info("replica %s added", endpoint)

@@ -37,6 +37,11 @@ class Candidate(Protocol):
     def outstanding(self) -> Outstanding: ...
     @property
     def probed(self) -> Probed | None: ...
+    @property
+    def lag_s(self) -> float:
+        """Seconds added to its predicted TTFT for what is not known of its queue (its
+        silence since its latest report when a probe went unanswered; else 0)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class CostModel:
         # before the latest report is in the report's figures already.
         running = max(report.running if report is not None else 0, ours.in_flight)
         queued = ours.unreported_prompt_tokens + prompt_tokens
-        busy = running * self.running_request_s
+        busy = running * self.running_request_s + replica.lag_s
         if replica.probed is not None:
             # Newer than the report: the replica's own prediction of its queue.
             return replica.probed.queue_s + queued / self.prefill_tokens_per_s + busy

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from sloserve.gateway.discovery import Discovery, StaticDiscovery, follow
 from sloserve.gateway.dispatch import Dispatcher, DispatchSettings
 from sloserve.gateway.grpc_service import GatewayInference
 from sloserve.gateway.http_api import HttpApi
+from sloserve.gateway.http_limits import HttpLimits, LimitedSite
 from sloserve.gateway.k8s_discovery import KubernetesDiscovery
 from sloserve.gateway.metrics import GatewayMetrics
 from sloserve.gateway.replica_pool import ReplicaPool
@@ -70,6 +71,8 @@ class GatewaySettings:
     # endpoints on port `k8s_port` (a name or number), watched (gateway/k8s_discovery.py).
     k8s_service: str | None = None
     k8s_port: str = "grpc"
+    # What one HTTP client may hold: body size, header/body/write timeouts, connections.
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
@@ -129,6 +132,7 @@ async def serve(settings: GatewaySettings) -> int:
     # Configuration errors surface before any port is opened.
     api_keys = ApiKeys.load(settings.api_keys, catalog.classes) if settings.api_keys else None
     tls = TlsFiles.load(settings.tls_cert, settings.tls_key)
+    settings.http_limits.check()
     if settings.session_ttl_s <= 0:
         raise FieldError("session_ttl", "must be above 0")
     if settings.max_sessions < 1:
@@ -188,13 +192,18 @@ async def serve(settings: GatewaySettings) -> int:
 
     runner: web.AppRunner | None = None
     if settings.http_port is not None:
-        api = HttpApi(dispatcher, list(settings.model_names), lambda: status_json(dispatcher))
+        limits = settings.http_limits
+        api = HttpApi(
+            dispatcher, list(settings.model_names), lambda: status_json(dispatcher), limits
+        )
         # Cancel a handler whose client went away, so its replica stops generating too.
-        runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            api.app(), handler_cancellation=True, access_log=None, **limits.runner_args()
+        )
         await runner.setup()
         ssl_context = tls.ssl_context() if tls else None
-        await web.TCPSite(
-            runner, settings.host, settings.http_port, ssl_context=ssl_context
+        await LimitedSite(
+            runner, settings.host, settings.http_port, limits, ssl_context=ssl_context
         ).start()
         scheme = "https" if tls else "http"
         log.info("HTTP (OpenAI API) on %s://%s:%d/v1", scheme, settings.host, settings.http_port)

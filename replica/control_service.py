@@ -33,6 +33,8 @@ class ControlService(replica_control_pb2_grpc.ReplicaControlServicer):
         self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProbeResponse:
         state = self._rt.state
+        if state.fault is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{state.fault}; the replica exits")
         if not state.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is starting")
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,19 +52,30 @@ class EngineLoad:
 
 
 class LoadListener:
-    """Keeps the latest scheduler stats; vLLM calls `record` after every engine step."""
+    """Keeps the latest scheduler stats; vLLM calls `record` after every engine step.
+
+    The engine core sends its stats with every step it finishes, so the time of the latest
+    one is also the engine's heartbeat (the wedge check in engine_health.py reads it).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._load = EngineLoad()
+        self._stepped_at = time.monotonic()
 
     def snapshot(self) -> EngineLoad:
         with self._lock:
             return EngineLoad(self._load.running, self._load.waiting, self._load.kv_cache_usage)
 
+    def stepped_at(self) -> float:
+        """time.monotonic() of the latest finished engine step (of start-up before any)."""
+        with self._lock:
+            return self._stepped_at
+
     def update(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         with self._lock:
             self._load = EngineLoad(running, waiting, kv_cache_usage)
+            self._stepped_at = time.monotonic()
 
     def stat_logger_factory(self) -> Any:
         listener = self

@@ -1,4 +1,10 @@
-"""The Inference gRPC service of a replica: validate, admit, stream from vLLM, judge."""
+"""The Inference gRPC service of a replica: validate, admit, stream from vLLM, judge.
+
+A failed engine (engine_health.py) ends every request UNAVAILABLE: those that arrive after,
+those waiting on the engine when it fails, and those whose stream vLLM ends with
+EngineDeadError (which also reports the fault, ahead of the watchdog's next look). Other
+errors from the engine are INTERNAL.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-from vllm import SamplingParams
+from vllm import RequestOutput, SamplingParams
 from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from sloserve import errors
 from sloserve.protoconv import budgets_to_proto, duration, outcome_to_proto
@@ -18,7 +26,8 @@ from sloserve.replica.intake import decide
 from sloserve.replica.reports import VerdictRecord
 from sloserve.replica.runtime import ReplicaRuntime
 from sloserve.replica.scheduler import EXPIRED_STOP_REASON, REJECTED_PREFIX
-from sloserve.replica.validation import ValidRequest, validate
+from sloserve.replica.state import EngineFault, FaultKind
+from sloserve.replica.validation import ValidRequest, validate_off_loop
 from sloserve.slo import judge
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, slo_pb2
 
@@ -42,6 +51,21 @@ def _vllm_sampling(valid: ValidRequest) -> SamplingParams:
         output_kind=RequestOutputKind.DELTA,
         extra_args=valid.slo.to_extra_args(),
     )
+
+
+class _EngineFailed(Exception):
+    """The engine failed while a request waited on it (ReplicaRuntime.engine_failed)."""
+
+
+async def _engine_output(
+    pending: asyncio.Future[RequestOutput], failed: asyncio.Future[Any]
+) -> RequestOutput:
+    """The engine's next output for a request; _EngineFailed if the engine fails first."""
+    if not pending.done():
+        await asyncio.wait((pending, failed), return_when=asyncio.FIRST_COMPLETED)
+        if not pending.done():
+            raise _EngineFailed
+    return pending.result()
 
 
 def _reject_reason(verdict: VerdictRecord | None) -> slo_pb2.RejectReason:
@@ -86,13 +110,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         arrival = time.time()
         rt, state = self._rt, self._rt.state
         limits = rt.limits
+        if state.fault is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{state.fault}; the replica exits")
         if not state.ready or limits is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is starting")
             return  # not reached: abort raises
         if state.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is draining")
         try:
-            valid = validate(request, state.catalog, limits, rt.tokenize, arrival)
+            valid = await validate_off_loop(request, state.catalog, limits, rt.tokenize, arrival)
         except errors.FieldError as bad:
             rt.metrics.requests.labels(request.slo.class_name, "invalid").inc()
             await context.abort_with_status(
@@ -126,10 +152,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             {"prompt_token_ids": valid.prompt_token_ids}, _vllm_sampling(valid), slo.request_id
         )
         next_output = asyncio.ensure_future(anext(outputs))
+        engine_failed = asyncio.ensure_future(rt.engine_failed.wait())
         try:
             # The Admission message carries the engine's verdict; its first output stands in
-            # for a verdict that was lost (reports.py), so this wait always ends.
-            await asyncio.wait({verdict_wait, next_output}, return_when=asyncio.FIRST_COMPLETED)
+            # for a verdict that was lost (reports.py), so this wait always ends (and a failed
+            # engine ends it too).
+            await asyncio.wait(
+                {verdict_wait, next_output, engine_failed}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if engine_failed.done():
+                raise _EngineFailed
             verdict = verdict_wait.result() if verdict_wait.done() else None
             if verdict is not None and verdict.event == "rejected":
                 outcome_label = "rejected"
@@ -155,7 +187,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             demoted = False
             while True:
                 try:
-                    output = await next_output
+                    output = await _engine_output(next_output, engine_failed)
                 except StopAsyncIteration:
                     break
                 now = time.time()
@@ -239,15 +271,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise
         except grpc.aio.AbortError:
             raise
+        except (EngineDeadError, _EngineFailed) as error:
+            if isinstance(error, EngineDeadError):
+                rt.fail_engine(EngineFault(FaultKind.DEAD, f"a request's stream ended: {error}"))
+            # UNAVAILABLE: the request is not at fault, and another replica can serve it.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{state.fault}; the replica exits")
         except Exception as error:
             log.exception("request %s failed", slo.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
         finally:
+            engine_failed.cancel()
             # Cancelling a pending read of the engine stream aborts the request in the engine
             # (vLLM aborts on cancellation), freeing its KV cache at once.
             if not next_output.done():
                 next_output.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                with contextlib.suppress(
+                    asyncio.CancelledError, StopAsyncIteration, EngineDeadError
+                ):
                     await next_output
             await outputs.aclose()
             rt.verdicts.forget(slo.request_id)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sloserve.replica.engine import LoadListener
 from sloserve.replica.metrics import ReplicaMetrics
-from sloserve.replica.state import ReplicaState
+from sloserve.replica.state import EngineFault, ReplicaState
 from sloserve.replica.validation import ModelLimits
 from sloserve.replica.verdicts import Verdicts
+
+log = logging.getLogger("sloserve.replica")
 
 # Services the health service reports on, besides the server as a whole ("").
 SERVICE_NAMES = ("sloserve.v1.Inference", "sloserve.v1.ReplicaControl")
@@ -29,6 +33,8 @@ class ReplicaRuntime:
     health: Any = None
     # The engine's admission verdicts (bound to the event loop when serving starts).
     verdicts: Verdicts = field(default_factory=Verdicts)
+    # Set when the engine fails (fail_engine): requests waiting on it end at once.
+    engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def publish_health(self) -> None:
         from grpc_health.v1 import health_pb2
@@ -43,6 +49,17 @@ class ReplicaRuntime:
             self.health.set(service, status)
         self.metrics.ready.set(int(self.state.ready))
         self.metrics.draining.set(int(self.state.draining))
+
+    def fail_engine(self, fault: EngineFault) -> None:
+        """The engine will not serve again: health NOT_SERVING, load reports not ready, and
+        requests in flight end UNAVAILABLE (inference_service.py). The first fault wins."""
+        if self.state.fault is not None:
+            return
+        self.state.fault = fault
+        self.state.ready = False
+        log.error("%s; in-flight requests: %d", fault, len(self.state.in_flight))
+        self.publish_health()
+        self.engine_failed.set()
 
     def start_drain(self) -> int:
         """Admits nothing new from now on; returns the number of requests in flight."""

@@ -6,6 +6,10 @@ Life cycle:
    then health says SERVING.
 3. SIGTERM (or SIGINT): admit nothing new, let every request in flight finish, then exit 0.
    The Drain RPC does step 3's first part only; the process stays up until it is stopped.
+4. An engine that dies or wedges (engine_health.py) never serves again: health says
+   NOT_SERVING, load reports say not ready, every request ends UNAVAILABLE, and after a short
+   grace (for gateways to see all that) the process exits with ENGINE_FAILED_EXIT_CODE, for
+   its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -28,17 +32,20 @@ from grpc_reflection.v1alpha import reflection
 
 from sloserve.replica.control_service import ControlService
 from sloserve.replica.engine import EngineSettings, LoadListener, build_engine, warm_up
+from sloserve.replica.engine_health import watch_engine
 from sloserve.replica.inference_service import InferenceService
 from sloserve.replica.metrics import ReplicaMetrics
 from sloserve.replica.reports import ReportReceiver
 from sloserve.replica.runtime import SERVICE_NAMES, ReplicaRuntime
-from sloserve.replica.state import ReplicaState
+from sloserve.replica.state import EngineFault, ReplicaState
 from sloserve.replica.validation import ModelLimits
 from sloserve.replica.verdicts import Verdicts
 from sloserve.slo import SloCatalog
 from sloserve.stepmodel import StepTimeModel, shipped_profile
 
 DEFAULT_PROFILE = "cpu-bench"
+# The exit status of a replica whose engine died or wedged (1: the engine never started).
+ENGINE_FAILED_EXIT_CODE = 3
 
 log = logging.getLogger("sloserve.replica")
 
@@ -55,6 +62,12 @@ class ReplicaSettings:
     max_waiting: int = 256  # requests waiting for their first token before QUEUE_FULL
     default_max_tokens: int = 256
     drain_timeout_s: float = 300.0
+    # An engine with unfinished requests that finishes no step for this long is wedged; None
+    # turns the check off. Generous: one long prefill step on a CPU can take many seconds.
+    wedge_timeout_s: float | None = 120.0
+    # From an engine fault to the exit: requests end and gateways read a not-ready report
+    # first, so they take the replica out before its connections drop.
+    fault_exit_grace_s: float = 2.0
 
 
 def _build_grpc_server(runtime: ReplicaRuntime) -> grpc.aio.Server:
@@ -167,6 +180,21 @@ async def serve(settings: ReplicaSettings) -> int:
         await server.stop(grace=None)
         steps.close()
         return 1
+    watchdog: asyncio.Task[EngineFault] | None = None
+    if engine_start.done():
+        watchdog = asyncio.create_task(
+            watch_engine(runtime, settings.wedge_timeout_s), name="engine watchdog"
+        )
+        await asyncio.wait({watchdog, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if watchdog.done():
+            log.error("exiting in %g s: %s", settings.fault_exit_grace_s, watchdog.result())
+            await asyncio.sleep(settings.fault_exit_grace_s)
+            await server.stop(grace=1)
+            runtime.engine.shutdown()
+            steps.close()
+            shutil.rmtree(step_dir, ignore_errors=True)
+            log.error("stopped: %s", watchdog.result())
+            return ENGINE_FAILED_EXIT_CODE
     await stopping
 
     in_flight = runtime.start_drain()
@@ -178,9 +206,14 @@ async def serve(settings: ReplicaSettings) -> int:
     await server.stop(grace=5)
     with contextlib.suppress(asyncio.CancelledError):
         await engine_start  # a SIGTERM during start-up still waits for the engine to come up
+    if watchdog is not None:
+        watchdog.cancel()  # a fault during the drain has ended its requests already
     if runtime.engine is not None:
         runtime.engine.shutdown()
     steps.close()
     shutil.rmtree(step_dir, ignore_errors=True)
+    if runtime.state.fault is not None:
+        log.error("stopped: %s", runtime.state.fault)
+        return ENGINE_FAILED_EXIT_CODE
     log.info("stopped")
     return 0

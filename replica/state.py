@@ -1,8 +1,10 @@
-"""What a replica knows about itself: readiness, drain, SLO classes, requests in flight."""
+"""What a replica knows about itself: readiness, drain, engine faults, SLO classes, requests
+in flight."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -16,6 +18,22 @@ class InFlight:
     # Prompt tokens queued ahead of this request when it arrived (for the TTFT estimator).
     queued_ahead_tokens: int
     first_token_time: float | None = None
+
+
+class FaultKind(enum.Enum):
+    """How the engine stopped serving for good."""
+
+    DEAD = "dead"  # the engine-core process is gone (vLLM's engine client says errored)
+    WEDGED = "wedged"  # it has work and has not finished a step for too long
+
+
+@dataclass(frozen=True)
+class EngineFault:
+    kind: FaultKind
+    detail: str  # for logs and error messages
+
+    def __str__(self) -> str:
+        return f"the engine is {self.kind.value}: {self.detail}"
 
 
 @dataclass
@@ -54,6 +72,8 @@ class ReplicaState:
     max_waiting: int
     ready: bool = False
     draining: bool = False
+    # Set once the engine failed (engine_health.py): the replica never serves again.
+    fault: EngineFault | None = None
     in_flight: dict[str, InFlight] = field(default_factory=dict)
     tallies: dict[str, ClassTally] = field(default_factory=dict)
     prefill_rate: PrefillRateEstimator = field(default_factory=PrefillRateEstimator)

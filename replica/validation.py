@@ -1,11 +1,18 @@
-"""Turns a GenerateRequest into what the engine runs, or names the field that is wrong."""
+"""Turns a GenerateRequest into what the engine runs, or names the field that is wrong.
+
+A text prompt is refused unread past `ModelLimits.max_prompt_chars`, and `validate_off_loop`
+tokenizes it on a worker thread, so that a long prompt does not stall the streams the event
+loop serves.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sloserve.errors import FieldError
@@ -13,6 +20,14 @@ from sloserve.slo import Budgets, RequestSlo, SloCatalog
 from sloserve.v1 import inference_pb2, slo_pb2
 
 MAX_REQUEST_ID_LENGTH = 256
+# A text longer than this many characters per token of context cannot fit the context: text
+# averages about 4 characters a token, and the longest entries of common vocabularies (runs
+# of spaces or symbols) a few dozen. Longer text is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
+
+# One thread, as vLLM's renderer has: a Hugging Face fast tokenizer is not safe to call from
+# several threads at once. Its threads start on first use.
+_TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sloserve-tokenize")
 
 
 @dataclass(frozen=True)
@@ -23,6 +38,11 @@ class ModelLimits:
     # Longest prompt a seeded request may have; None: any. vLLM on a CPU cannot split a
     # seeded request's prefill across steps, so there it is one step's token budget.
     max_seeded_prompt_tokens: int | None = None
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt text tokenized (see MAX_CHARS_PER_TOKEN)."""
+        return self.max_model_len * MAX_CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True)
@@ -106,15 +126,16 @@ def _prompt_ids(
 ) -> list[int]:
     kind = prompt.WhichOneof("kind")
     if kind == "text":
-        if not prompt.text.strip():
-            raise FieldError("prompt.text", "must not be empty")
+        check_prompt_text(prompt.text, limits)
         ids = list(tokenize(prompt.text))
         if not ids:
             raise FieldError("prompt.text", "tokenizes to no tokens")
+        _check_room(ids, limits)
     elif kind == "token_ids":
         ids = list(prompt.token_ids.ids)
         if not ids:
             raise FieldError("prompt.token_ids", "must not be empty")
+        _check_room(ids, limits)  # before the vocabulary scan: it bounds that scan's length
         bad = next((t for t in ids if t >= limits.vocab_size), None)
         if bad is not None:
             raise FieldError(
@@ -123,6 +144,23 @@ def _prompt_ids(
             )
     else:
         raise FieldError("prompt", "is required: set text or token_ids")
+    return ids
+
+
+def check_prompt_text(text: str, limits: ModelLimits) -> None:
+    """What can be said of a text prompt without tokenizing it."""
+    if len(text) > limits.max_prompt_chars:
+        raise FieldError(
+            "prompt.text",
+            f"{len(text)} characters are more than the {limits.max_prompt_chars} accepted "
+            f"({MAX_CHARS_PER_TOKEN} per token of the model's {limits.max_model_len}-token "
+            "context)",
+        )
+    if not text.strip():
+        raise FieldError("prompt.text", "must not be empty")
+
+
+def _check_room(ids: list[int], limits: ModelLimits) -> None:
     # The model needs room for at least one generated token.
     if len(ids) >= limits.max_model_len:
         raise FieldError(
@@ -130,7 +168,6 @@ def _prompt_ids(
             f"{len(ids)} tokens leave no room in the model's context of "
             f"{limits.max_model_len} tokens",
         )
-    return ids
 
 
 def _sampling(
@@ -204,3 +241,22 @@ def validate(
         already_waited_s=waited,
     )
     return ValidRequest(prompt_token_ids=ids, sampling=sampling, slo=slo)
+
+
+async def validate_off_loop(
+    request: inference_pb2.GenerateRequest,
+    catalog: SloCatalog,
+    limits: ModelLimits,
+    tokenize: Callable[[str], Sequence[int]],
+    arrival_time: float | None = None,
+) -> ValidRequest:
+    """validate(), with a text prompt tokenized on the tokenizer thread: the event loop goes
+    on serving other streams meanwhile. The same checks as validate(), those of a text
+    prompt made first: a text over the cap is refused before anything else is done."""
+    prompt = request.prompt
+    if prompt.WhichOneof("kind") != "text":
+        return validate(request, catalog, limits, tokenize, arrival_time)
+    check_prompt_text(prompt.text, limits)
+    loop = asyncio.get_running_loop()
+    ids = await loop.run_in_executor(_TOKENIZER_THREAD, tokenize, prompt.text)
+    return validate(request, catalog, limits, lambda _text: ids, arrival_time)

@@ -54,6 +54,7 @@ class SimReplica:
     report_at: float = float("-inf")
     outstanding: Outstanding = field(default_factory=Outstanding)
     probed: Probed | None = None  # the simulated gateway does not probe
+    lag_s: float = 0.0
     epoch: int = 0  # reports so far: tickets of older epochs are in the report
 
     def refresh(self, now: float, interval_s: float) -> None:

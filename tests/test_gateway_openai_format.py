@@ -69,6 +69,18 @@ def test_explicit_budgets_in_milliseconds() -> None:
         ({"allow_best_effort": "yes"}, "allow_best_effort"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": 42}, "prompt"),
+        # Past what the GenerateRequest field carries, or OpenAI's range.
+        ({"max_tokens": 10**12}, "max_tokens"),
+        ({"seed": 2**70}, "seed"),
+        ({"prompt": [1, 2**40]}, "prompt"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"slo": {"ttft_ms": 10**400, "tpot_ms": 50}}, "slo.ttft_ms"),
+        ({"slo": {"ttft_ms": 500, "tpot_ms": float("inf")}}, "slo.tpot_ms"),
+        ({"slo": {"ttft_ms": 500, "tpot_ms": 50, "thinking_tokens": 2**40}}, "slo.thinking_tokens"),
+        ({"n": 10**30}, "n"),
+        ({"user": {"id": 1}}, "user"),
     ],
 )
 def test_bad_fields_are_named(body: dict[str, Any], field: str) -> None:
@@ -105,3 +117,27 @@ def test_replica_field_names_map_back_to_body_names() -> None:
     assert oai.body_field("sampling.max_tokens", "prompt") == "max_tokens"
     assert oai.body_field("prompt.text", "messages") == "messages"
     assert oai.body_field("slo.class_name", "prompt") == "slo_class"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"slo": {"ttft_ms": Infinity}}', "slo.ttft_ms"),
+        ('{"a": [1, {"b": NaN}]}', "a[1].b"),
+        ('{"top_p": -1e999}', "top_p"),
+        ('{"prompt": "\\udfff"}', "prompt"),
+        ('{"\\ud800": 1}', "body"),
+        ("[" * 5000 + "]" * 5000, "body"),
+        ('{"max_tokens": ' + "1" * 5000 + "}", "body"),
+        ("{", "body"),
+    ],
+)
+def test_parse_json_refuses_what_no_request_can_carry(text: str, field: str) -> None:
+    with pytest.raises(FieldError) as bad:
+        oai.parse_json(text)
+    assert bad.value.field == field
+
+
+def test_parse_json_keeps_valid_escapes_and_numbers() -> None:
+    body = oai.parse_json('{"prompt": "\\ud83d\\ude00 \\u00e9", "temperature": 1e-3}')
+    assert body == {"prompt": "\U0001f600 \u00e9", "temperature": 0.001}

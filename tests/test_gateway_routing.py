@@ -29,6 +29,7 @@ class FakeReplica:
     report: replica_control_pb2.LoadReport | None
     outstanding: Outstanding = field(default_factory=Outstanding)
     probed: Probed | None = None
+    lag_s: float = 0.0
 
 
 def replica(endpoint: str, pending: int = 0, running: int = 0) -> FakeReplica:

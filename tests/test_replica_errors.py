@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+
 import grpc
 import pytest
 from conftest import Replica
@@ -11,7 +17,12 @@ from grpc_status import rpc_status
 from sloserve.client import Client, build_request
 from sloserve.errors import FieldError, InvalidArgumentError
 from sloserve.protoconv import duration
-from sloserve.replica.validation import ModelLimits, ValidRequest, validate
+from sloserve.replica.validation import (
+    ModelLimits,
+    ValidRequest,
+    validate,
+    validate_off_loop,
+)
 from sloserve.slo import RequestSlo, SloCatalog
 from sloserve.v1 import inference_pb2, inference_pb2_grpc, replica_control_pb2
 from sloserve.v1 import replica_control_pb2_grpc as control_grpc
@@ -41,6 +52,11 @@ CASES = {
     ),
     "unknown class": (build_request("hi", slo_class="platinum"), "slo.class_name"),
     "oversized prompt": (build_request([5] * (MAX_MODEL_LEN + 10)), "prompt"),
+    # Past 32 characters a token of context: refused before it is tokenized.
+    "prompt text past the character cap": (
+        build_request("ab" * (MAX_MODEL_LEN * 16 + 1)),
+        "prompt.text",
+    ),
     "token id outside vocabulary": (build_request([5, 10**6]), "prompt.token_ids"),
     "budgets without tpot": (build_request("hi", ttft_s=1.0), "slo.budgets.tpot"),
     "negative temperature": (build_request("hi", temperature=-1.0), "sampling.temperature"),
@@ -180,3 +196,56 @@ def test_a_class_that_forbids_best_effort_overrides_the_client() -> None:
             {"classes": [{"name": "x", "ttft_ms": 1, "tpot_ms": 1, "spill_to_best_effort": "no"}]}
         )
     assert error.value.field == "classes[0].spill_to_best_effort"
+
+
+def test_a_text_prompt_is_tokenized_off_the_event_loop() -> None:
+    """A slow tokenization (a long prompt) runs on the tokenizer thread: the event loop keeps
+    its pace meanwhile, and the request comes out as validate() makes it."""
+    limits = ModelLimits(max_model_len=4096, vocab_size=1000, default_max_tokens=16)
+    catalog = SloCatalog.default()
+    threads: list[str] = []
+
+    def slow_tokenize(text: str) -> Sequence[int]:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.5)  # blocks its thread, as a 4 MB tokenization would
+        return [5] * len(text.split())
+
+    async def run() -> tuple[ValidRequest, float]:
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        valid = await validate_off_loop(
+            build_request("one two three", max_tokens=4), catalog, limits, slow_tokenize, 7.0
+        )
+        ticking.cancel()
+        return valid, max(b - a for a, b in itertools.pairwise(ticks))
+
+    valid, longest_gap = asyncio.run(run())
+    assert valid.prompt_token_ids == [5, 5, 5] and valid.sampling.max_tokens == 4
+    assert valid.slo.arrival_time == 7.0
+    assert threads and threads[0] != threading.main_thread().name
+    assert longest_gap < 0.2, f"the event loop stalled {longest_gap:.2f} s"
+
+
+def test_a_text_past_the_cap_is_refused_without_tokenizing() -> None:
+    limits = ModelLimits(max_model_len=128, vocab_size=1000, default_max_tokens=16)
+    assert limits.max_prompt_chars == 128 * 32
+
+    def never(text: str) -> Sequence[int]:
+        raise AssertionError("a text past the cap must not be tokenized")
+
+    request = build_request("x" * (limits.max_prompt_chars + 1))
+    catalog = SloCatalog.default()
+    with pytest.raises(FieldError) as on_loop:
+        validate(request, catalog, limits, never)
+    with pytest.raises(FieldError) as off_loop:
+        asyncio.run(validate_off_loop(request, catalog, limits, never))
+    for error in (on_loop, off_loop):
+        assert error.value.field == "prompt.text"
+        assert f"more than the {limits.max_prompt_chars} accepted" in error.value.description
