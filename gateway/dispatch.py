@@ -209,7 +209,10 @@ class Dispatcher:
         self.settings = settings or DispatchSettings()
         self.api_keys = api_keys  # None: no API keys, every request is served
         self.affinity = affinity or AffinityTable()
-        self.draining = False
+        self.draining = False  # new requests get UNAVAILABLE (DRAINING)
+        # Shutting down, not yet draining: health says NOT_SERVING so that load balancers stop
+        # sending, while what they still send is served (--shutdown-delay).
+        self.leaving = False
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -272,12 +275,21 @@ class Dispatcher:
             self._record(class_name, error.outcome, None)
             raise
 
+    def serving(self) -> bool:
+        """What health says: some replica in rotation, and not on the way down."""
+        return bool(self.pool.in_rotation()) and not (self.draining or self.leaving)
+
     async def generate(
-        self, request: inference_pb2.GenerateRequest, authorization: str | None = None
+        self,
+        request: inference_pb2.GenerateRequest,
+        authorization: str | None = None,
+        received_at: float | None = None,
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The response stream for `request`; raises GatewayError for an explicit error.
-        `authorization` is the caller's `Bearer <key>`, checked when API keys are on."""
-        received = time.time()
+        `authorization` is the caller's `Bearer <key>`, checked when API keys are on.
+        `received_at` (time.time()) is when the front door first saw the request, where its
+        SLO clock starts; default: now."""
+        received = time.time() if received_at is None else received_at
         # Metrics labels: only known classes, so bad input cannot grow the label set.
         requested = request.slo.class_name
         class_name = requested if self.catalog.get(requested) is not None else "unknown"

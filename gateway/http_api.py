@@ -223,7 +223,7 @@ class HttpApi:
         return web.json_response(self._status())
 
     async def healthz(self, request: web.Request) -> web.Response:
-        serving = bool(self._dispatcher.pool.in_rotation()) and not self._dispatcher.draining
+        serving = self._dispatcher.serving()
         return web.json_response(
             {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
         )
@@ -235,6 +235,9 @@ class HttpApi:
         return await self._serve(request, _Kind(chat=True))
 
     async def _serve(self, http: web.Request, kind: _Kind) -> web.StreamResponse:
+        # The SLO clock starts here, before the body is read: the client's started earlier
+        # still (the event loop's lag before this handler ran, loop_lag.py, is what is left).
+        received_at = time.time()
         try:
             body = oai.parse_json(_text(http, await read_body(http, self._limits)))
         except RequestRefused as refused:
@@ -259,7 +262,9 @@ class HttpApi:
             generate = oai.generate_request(body, prompt, http.headers, kind.max_tokens_field)
         except FieldError as bad:
             return _field_error(bad)
-        responses = self._dispatcher.generate(generate, http.headers.get("Authorization"))
+        responses = self._dispatcher.generate(
+            generate, http.headers.get("Authorization"), received_at
+        )
         try:
             first = await anext(responses)
         except GatewayError as error:

@@ -3,8 +3,10 @@
 Life cycle:
 1. gRPC (Inference, health, reflection), HTTP and metrics servers start at once; health
    says SERVING while at least one replica is in rotation.
-2. SIGTERM (or SIGINT): health says NOT_SERVING, new requests get UNAVAILABLE (HTTP 503),
-   requests in flight (queued ones included) finish, then the process exits 0.
+2. SIGTERM (or SIGINT): health says NOT_SERVING; for `--shutdown-delay` seconds new
+   requests are still served (load balancers take that long to stop sending: a rolling
+   update then fails none), then new requests get UNAVAILABLE (HTTP 503), requests in flight
+   (queued ones included) finish, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from sloserve.gateway.grpc_service import GatewayInference
 from sloserve.gateway.http_api import HttpApi
 from sloserve.gateway.http_limits import HttpLimits, LimitedSite
 from sloserve.gateway.k8s_discovery import KubernetesDiscovery
+from sloserve.gateway.loop_lag import LoopLag
 from sloserve.gateway.metrics import GatewayMetrics
 from sloserve.gateway.replica_pool import ReplicaPool
 from sloserve.gateway.routing import Router
@@ -62,6 +66,8 @@ class GatewaySettings:
     report_interval_s: float = 0.25
     stall_timeout_s: float = 60.0
     drain_timeout_s: float = 300.0
+    # After SIGTERM: health NOT_SERVING but requests still served, before the drain.
+    shutdown_delay_s: float = 0.0
     api_keys: Path | None = None  # a YAML file or a directory (gateway/auth.py); None: off
     tls_cert: Path | None = None  # both or neither: TLS on the gRPC and HTTP ports
     tls_key: Path | None = None
@@ -75,8 +81,9 @@ class GatewaySettings:
     http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
-def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
-    """GET /v1/slo/summary: per-class SLO tallies, the queue, and each replica's state."""
+def status_json(dispatcher: Dispatcher, loop_lag: LoopLag) -> dict[str, Any]:
+    """GET /v1/slo/summary: per-class SLO tallies, the queue, each replica's state, and the
+    event loop's recent lag (time the gateway's clock does not see)."""
     pool, now = dispatcher.pool, time.monotonic()
     replicas = []
     for r in pool.all():
@@ -101,7 +108,9 @@ def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
     return {
         "routing": dispatcher.router.policy,
         "draining": dispatcher.draining,
+        "leaving": dispatcher.leaving,
         "in_flight": dispatcher.in_flight,
+        "event_loop_lag_s": {"recent_max": loop_lag.recent_max_s()},
         "classes": dispatcher.summary.to_json(),
         "queue": {
             "depth": {name or BUDGETS_KEY: n for name, n in dispatcher.queue.depths().items()},
@@ -114,7 +123,7 @@ def status_json(dispatcher: Dispatcher) -> dict[str, Any]:
 
 
 def _publish_health(servicer: Any, dispatcher: Dispatcher) -> None:
-    serving = bool(dispatcher.pool.in_rotation()) and not dispatcher.draining
+    serving = dispatcher.serving()
     status = (
         health_pb2.HealthCheckResponse.SERVING
         if serving
@@ -133,6 +142,8 @@ async def serve(settings: GatewaySettings) -> int:
     api_keys = ApiKeys.load(settings.api_keys, catalog.classes) if settings.api_keys else None
     tls = TlsFiles.load(settings.tls_cert, settings.tls_key)
     settings.http_limits.check()
+    if not 0 <= settings.shutdown_delay_s < math.inf:
+        raise FieldError("shutdown_delay", "must be a number of seconds, at least 0")
     if settings.session_ttl_s <= 0:
         raise FieldError("session_ttl", "must be above 0")
     if settings.max_sessions < 1:
@@ -164,6 +175,7 @@ async def serve(settings: GatewaySettings) -> int:
         AffinityTable(settings.max_sessions, settings.session_ttl_s),
     )
     metrics.bind_rotation(lambda: len(pool.in_rotation()))
+    loop_lag = LoopLag(metrics.registry)
 
     # No SO_REUSEPORT: a second gateway on the same port must fail, not share the traffic.
     server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
@@ -194,7 +206,10 @@ async def serve(settings: GatewaySettings) -> int:
     if settings.http_port is not None:
         limits = settings.http_limits
         api = HttpApi(
-            dispatcher, list(settings.model_names), lambda: status_json(dispatcher), limits
+            dispatcher,
+            list(settings.model_names),
+            lambda: status_json(dispatcher, loop_lag),
+            limits,
         )
         # Cancel a handler whose client went away, so its replica stops generating too.
         runner = web.AppRunner(
@@ -214,6 +229,7 @@ async def serve(settings: GatewaySettings) -> int:
     background = [
         asyncio.create_task(follow(discovery, pool), name="discovery"),
         asyncio.create_task(drainer.run(), name="spillover drainer"),
+        asyncio.create_task(loop_lag.run(), name="event-loop lag"),
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -221,6 +237,15 @@ async def serve(settings: GatewaySettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
+    if settings.shutdown_delay_s > 0:
+        # A load balancer (a Service's endpoints, kube-proxy) stops sending to a pod some
+        # seconds after it starts terminating: health fails at once, requests are served on.
+        stop.clear()
+        dispatcher.leaving = True
+        _publish_health(health_servicer, dispatcher)
+        log.info("leaving: serving for %g s more before draining", settings.shutdown_delay_s)
+        with contextlib.suppress(TimeoutError):  # a second signal ends the wait
+            await asyncio.wait_for(stop.wait(), settings.shutdown_delay_s)
     dispatcher.draining = True
     _publish_health(health_servicer, dispatcher)
     log.info("draining: %d request(s) in flight", dispatcher.in_flight)

@@ -18,8 +18,12 @@ from sloserve.operator.naming import (
 from sloserve.operator.spec import SloServiceSpec
 
 COMPONENT = "gateway"
-# `sloserve gateway --drain-timeout` (300 s) plus time to exit.
-TERMINATION_GRACE_S = 330
+# After SIGTERM the gateway keeps serving this long with its readiness failing: the Service's
+# endpoints, and the proxies and load balancers that follow them, stop sending to a
+# terminating pod only some seconds later, and a rolling update must fail no request.
+SHUTDOWN_DELAY_S = 10
+# The delay, `sloserve gateway --drain-timeout` (300 s), plus time to exit.
+TERMINATION_GRACE_S = SHUTDOWN_DELAY_S + 330
 
 
 def gateway_args(owner: Owner, spec: SloServiceSpec) -> list[str]:
@@ -37,6 +41,7 @@ def gateway_args(owner: Owner, spec: SloServiceSpec) -> list[str]:
         "--model-name", spec.model.served_name,
         "--queue-capacity", str(q.capacity),
         "--queue-ttl", f"{q.ttl_seconds:g}",
+        "--shutdown-delay", str(SHUTDOWN_DELAY_S),
     ]  # fmt: skip
     if g.auth_secret:
         args += ["--api-keys", API_KEYS_DIR]

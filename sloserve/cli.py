@@ -405,6 +405,14 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="seconds SIGTERM waits for requests in flight (default: 300)",
     )
     p.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        help="seconds after SIGTERM during which health says NOT_SERVING but requests are "
+        "still served, before the drain: the time a load balancer takes to stop sending "
+        "(default: 0; the operator's pods use 10)",
+    )
+    p.add_argument(
         "--api-keys",
         type=Path,
         metavar="PATH",
@@ -483,6 +491,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
         report_interval_s=args.report_interval,
         stall_timeout_s=args.stall_timeout,
         drain_timeout_s=args.drain_timeout,
+        shutdown_delay_s=args.shutdown_delay,
         api_keys=args.api_keys,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -4,9 +4,12 @@ hang: every call has a timeout, and every request ends complete or with an expli
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -259,5 +262,52 @@ def test_sigterm_drains_the_gateway(replica: Replica, tmp_path: Path) -> None:
         assert stream.error is None and stream.result is not None
         assert stream.result.completion_tokens == 200
         assert gateway.process.wait(TIMEOUT_S) == 0
+    finally:
+        gateway.stop()
+
+
+def test_after_sigterm_a_gateway_with_a_shutdown_delay_serves_on_while_health_fails(
+    replica: Replica, tmp_path: Path
+) -> None:
+    """A rolling update: the load balancer sends for a few seconds more after SIGTERM. With
+    --shutdown-delay, health turns NOT_SERVING at once and those requests are still served;
+    then the gateway drains and exits 0."""
+    gateway = Gateway(
+        workdir=tmp_path, replicas=[replica.endpoint], args=["--shutdown-delay", "10"]
+    )
+    gateway.start()
+    try:
+        gateway.wait_serving()
+        assert gateway.process is not None
+        signalled = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        deadline = signalled + 3
+        while gateway.serving():
+            assert time.monotonic() < deadline, "health still SERVING after SIGTERM"
+            time.sleep(0.02)
+        healthz = urllib.request.Request(f"http://127.0.0.1:{gateway.http_port}/healthz")
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(healthz, timeout=5)
+        assert not_ready.value.code == 503
+        summary_url = f"{gateway.base_url}/slo/summary"
+        with urllib.request.urlopen(summary_url, timeout=5) as response:
+            summary = json.load(response)
+        assert summary["leaving"] and not summary["draining"]
+        assert summary["event_loop_lag_s"]["recent_max"] is not None
+        # What the load balancer still sends is served, over gRPC and HTTP.
+        with Client(gateway.endpoint, timeout_s=30) as client:
+            served = client.generate(PROMPT, slo_class="chat", max_tokens=4, ignore_eos=True)
+        assert served.completion_tokens == 4
+        body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 3}).encode()
+        post = urllib.request.Request(
+            f"{gateway.base_url}/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(post, timeout=30) as response:
+            assert json.load(response)["usage"]["completion_tokens"] == 3
+        assert time.monotonic() - signalled < 10, "the requests came after the delay"
+        assert gateway.process.wait(TIMEOUT_S) == 0
+        assert time.monotonic() - signalled >= 10
+        log = gateway.log_path.read_text()
+        assert "serving for 10 s more before draining" in log
     finally:
         gateway.stop()

@@ -85,6 +85,10 @@ def test_gateway_discovers_replicas_through_the_headless_service(
     assert args[args.index("--k8s-port") + 1] == "grpc"
     assert args[args.index("--model-name") + 1] == "llama-3-8b-instruct"
     assert args[args.index("--queue-capacity") + 1] == "128"
+    # A rolling update fails no request: after SIGTERM the gateway serves on while the
+    # Service stops sending to it, then drains (300 s), all within the grace period.
+    delay = float(args[args.index("--shutdown-delay") + 1])
+    assert delay >= 5 and pod["terminationGracePeriodSeconds"] >= delay + 300
     assert pod["serviceAccountName"] == "llama3-8b-gateway"
     binding = built["RoleBinding/llama3-8b-gateway-endpoints"]
     assert binding["subjects"][0]["name"] == "llama3-8b-gateway"
