@@ -484,9 +484,9 @@ class Dispatcher:
         try:
             while True:
                 try:
-                    response = await asyncio.wait_for(
-                        anext(responses), self.settings.stall_timeout_s
-                    )
+                    # A timer, not a task per message (wait_for's): this runs for every token.
+                    async with asyncio.timeout(self.settings.stall_timeout_s):
+                        response = await anext(responses)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:

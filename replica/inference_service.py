@@ -185,9 +185,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             finish_reason: str | None = None
             stop_reason: object = None
             demoted = False
+            first: asyncio.Future[RequestOutput] | None = next_output
             while True:
                 try:
-                    output = await _engine_output(next_output, engine_failed)
+                    if first is not None:
+                        output, first = await _engine_output(first, engine_failed), None
+                    else:
+                        # Awaited in this task, no future of its own: a cancelled call aborts
+                        # the request in vLLM, and a failed engine ends it (fail_engine).
+                        output = await anext(outputs)
                 except StopAsyncIteration:
                     break
                 now = time.time()
@@ -215,7 +221,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     finish_reason = completion.finish_reason
                     stop_reason = completion.stop_reason
                     break
-                next_output = asyncio.ensure_future(anext(outputs))
             if isinstance(stop_reason, str) and stop_reason.startswith(REJECTED_PREFIX):
                 outcome_label = "rejected"
                 reason = stop_reason.removeprefix(REJECTED_PREFIX)

@@ -60,6 +60,13 @@ class ReplicaRuntime:
         log.error("%s; in-flight requests: %d", fault, len(self.state.in_flight))
         self.publish_health()
         self.engine_failed.set()
+        if self.engine is not None:
+            # Ends every request's stream the way vLLM ends them when its engine dies
+            # (EngineDeadError from generate()): a stream waiting on a wedged engine wakes too,
+            # with no watch of its own on every token.
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            self.engine.output_processor.propagate_error(EngineDeadError(str(fault)))
 
     def start_drain(self) -> int:
         """Admits nothing new from now on; returns the number of requests in flight."""
