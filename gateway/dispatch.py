@@ -479,7 +479,7 @@ class Dispatcher:
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Streams from one replica. Raises _Retry when it can be retried elsewhere."""
         replica = ticket.replica
-        call = replica.inference.Generate(forward)
+        call = replica.streams.generate(forward)
         responses = aiter(call)
         try:
             while True:

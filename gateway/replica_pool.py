@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from sloserve.gateway.replica_mux import ReplicaStreams
 from sloserve.protoconv import duration, seconds
 from sloserve.v1 import inference_pb2_grpc, replica_control_pb2, replica_control_pb2_grpc, slo_pb2
 
@@ -147,6 +148,9 @@ class ReplicaHandle:
         self.endpoint = endpoint
         self.channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        # Requests go over one multiplexed call (replica_mux.py); `inference` stays for
+        # callers that want a call per request.
+        self.streams = ReplicaStreams(self.channel)
         self.control = replica_control_pb2_grpc.ReplicaControlStub(self.channel)
         self.report: replica_control_pb2.LoadReport | None = None
         self.report_at = 0.0  # time.monotonic() of the latest report

@@ -21,13 +21,17 @@ def proto_files() -> list[Path]:
 def generate(out_root: Path) -> list[Path]:
     """Writes *_pb2.py, *_pb2.pyi and *_pb2_grpc.py under out_root/sloserve/v1."""
     import grpc_tools
+    from google.rpc import status_pb2
     from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # google/rpc/*.proto, shipped with googleapis-common-protos.
+    googleapis = Path(status_pb2.__file__).parents[2]
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{googleapis}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",

@@ -17,7 +17,7 @@ from sloserve.replica.verdicts import Verdicts
 log = logging.getLogger("sloserve.replica")
 
 # Services the health service reports on, besides the server as a whole ("").
-SERVICE_NAMES = ("sloserve.v1.Inference", "sloserve.v1.ReplicaControl")
+SERVICE_NAMES = ("sloserve.v1.Inference", "sloserve.v1.InferenceMux", "sloserve.v1.ReplicaControl")
 
 
 @dataclass

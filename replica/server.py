@@ -35,6 +35,7 @@ from sloserve.replica.engine import EngineSettings, LoadListener, build_engine, 
 from sloserve.replica.engine_health import watch_engine
 from sloserve.replica.inference_service import InferenceService
 from sloserve.replica.metrics import ReplicaMetrics
+from sloserve.replica.mux_service import InferenceMuxService
 from sloserve.replica.reports import ReportReceiver
 from sloserve.replica.runtime import SERVICE_NAMES, ReplicaRuntime
 from sloserve.replica.state import EngineFault, ReplicaState
@@ -71,10 +72,14 @@ class ReplicaSettings:
 
 
 def _build_grpc_server(runtime: ReplicaRuntime) -> grpc.aio.Server:
-    from sloserve.v1 import inference_pb2_grpc, replica_control_pb2_grpc
+    from sloserve.v1 import inference_mux_pb2_grpc, inference_pb2_grpc, replica_control_pb2_grpc
 
     server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(runtime), server)
+    inference = InferenceService(runtime)
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
+    inference_mux_pb2_grpc.add_InferenceMuxServicer_to_server(
+        InferenceMuxService(inference), server
+    )
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(ControlService(runtime), server)
     runtime.health = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(runtime.health, server)

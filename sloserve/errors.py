@@ -103,6 +103,14 @@ class StatusDetails:
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
+def status_of(status: grpc.Status) -> status_pb2.Status:
+    """The google.rpc.Status that to_grpc_status (or grpc's own code) put in `status`."""
+    for key, value in status.trailing_metadata or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return status_pb2.Status(code=status.code.value[0], message=status.details or "")
+
+
 def rich_status(error: grpc.RpcError) -> status_pb2.Status:
     """The google.rpc.Status a server attached (sync and asyncio errors alike); without one,
     a plain status of the error's code and message."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Gateway, Replica, free_port, metric_sum, start_replica, wait_for_rotation
+from fake_mux import add_fake_inference
 
 from sloserve.client import Client, GenerationResult, build_request
 from sloserve.errors import SloserveError, UnavailableError
@@ -192,7 +193,7 @@ class _HealthyLooking(replica_control_pb2_grpc.ReplicaControlServicer):
 def broken_replica() -> Iterator[tuple[str, _BrokenInference]]:
     server = grpc.server(futures.ThreadPoolExecutor(8))
     inference = _BrokenInference()
-    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
+    add_fake_inference(inference, server)
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_HealthyLooking(), server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -33,8 +33,10 @@ from conftest import Gateway, Replica, metric_sum, start_replica, wait_for_rotat
 from sloserve.client import Client
 from sloserve.errors import UnavailableError
 from sloserve.gateway.failure_log import ThrottledLog
+from sloserve.replica.mux_service import InferenceMuxService
 from sloserve.replica.server import ENGINE_FAILED_EXIT_CODE
 from sloserve.v1 import (
+    inference_mux_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     replica_control_pb2,
@@ -378,6 +380,9 @@ def slow_probe_proxies(target: str, count: int) -> Iterator[list[tuple[str, Slow
             proxy = SlowProbeProxy(target, report_every_s=1.5, probe_delay_s=1.0)
             server = grpc.aio.server()
             inference_pb2_grpc.add_InferenceServicer_to_server(proxy, server)
+            inference_mux_pb2_grpc.add_InferenceMuxServicer_to_server(
+                InferenceMuxService(proxy), server
+            )
             replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(proxy, server)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Gateway, Replica, free_port, metric_sum
+from fake_mux import add_fake_inference
 
 from sloserve.client import build_request
 from sloserve.protoconv import duration, seconds
@@ -94,7 +95,7 @@ class Served:
 
 def serve(fake: FakeReplica) -> Served:
     server = grpc.server(futures.ThreadPoolExecutor(16))
-    inference_pb2_grpc.add_InferenceServicer_to_server(fake, server)
+    add_fake_inference(fake, server)
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(fake, server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")

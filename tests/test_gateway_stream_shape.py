@@ -20,6 +20,7 @@ import aiohttp
 import grpc
 import pytest
 from conftest import Gateway, free_port
+from fake_mux import add_fake_inference
 
 from sloserve.v1 import (
     inference_pb2,
@@ -80,7 +81,7 @@ class _Ready(replica_control_pb2_grpc.ReplicaControlServicer):
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    inference_pb2_grpc.add_InferenceServicer_to_server(_ScriptedInference(), server)
+    add_fake_inference(_ScriptedInference(), server)
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Ready(), server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")

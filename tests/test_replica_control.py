@@ -88,6 +88,7 @@ def test_server_reflection_lists_the_services(replica: Replica) -> None:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {
         "sloserve.v1.Inference",
+        "sloserve.v1.InferenceMux",
         "sloserve.v1.ReplicaControl",
         "grpc.health.v1.Health",
     } <= services

@@ -29,6 +29,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from sloserve.bench import process_cpu, report
@@ -264,8 +265,8 @@ def markdown(results: list[ClientResult]) -> str:
         }
         stock, ours = by["vllm-default"], by["sloserve"]
         ratio = (
-            f"{_median([r.goodput_rps for r in ours]) / m:.2f}x"
-            if stock and ours and (m := _median([r.goodput_rps for r in stock])) > 0
+            f"{median([r.goodput_rps for r in ours]) / m:.2f}x"
+            if stock and ours and (m := median([r.goodput_rps for r in stock])) > 0
             else "-"
         )
         agreement = ", ".join(
@@ -302,19 +303,13 @@ def cost_markdown(results: list[ClientResult]) -> str:
         cells = []
         for role in roles:
             values = [cost[role] for cost in runs.values() if role in cost]
-            cells.append(f"{_median(values):.0f}" if values else "-")
+            cells.append(f"{median(values):.0f}" if values else "-")
         front = [
             sum(v for k, v in cost.items() if k != process_cpu.Role.ENGINE_CORE.value)
             for cost in runs.values()
         ]
-        lines.append(f"| {system} | {rate:g} | " + " | ".join(cells) + f" | {_median(front):.0f} |")
+        lines.append(f"| {system} | {rate:g} | " + " | ".join(cells) + f" | {median(front):.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _goodputs(results: list[ClientResult]) -> str:
@@ -324,8 +319,8 @@ def _goodputs(results: list[ClientResult]) -> str:
 def _latency(results: list[ClientResult]) -> str:
     if not results:
         return "-"
-    ttft = _median([r.mean_ttft_ms for r in results])
-    tpot = _median([r.mean_tpot_ms for r in results])
+    ttft = median([r.mean_ttft_ms for r in results])
+    tpot = median([r.mean_tpot_ms for r in results])
     return f"{ttft:.0f} / {tpot:.1f}"
 
 
