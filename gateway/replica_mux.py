@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.rpc import status_pb2
 
-from sloserve.v1 import inference_mux_pb2, inference_mux_pb2_grpc, inference_pb2
+from sloserve.v1 import inference_mux_pb2, inference_mux_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -37,20 +40,30 @@ def _error(status: status_pb2.Status) -> grpc.aio.AioRpcError:
 class MuxStream:
     """One request's responses, read as `async for` (the shape of a Generate call)."""
 
-    def __init__(self, call: _MuxCall, stream_id: int) -> None:
+    def __init__(
+        self, call: _MuxCall, stream_id: int, request: inference_pb2.GenerateRequest
+    ) -> None:
         self._call = call
         self._stream_id = stream_id
+        self.request = request  # for a replica that refuses the mux (fall_back)
         self._responses: deque[inference_pb2.GenerateResponse] = deque()
         self._end: grpc.aio.AioRpcError | None = None
         self._ended = False
         self._completed = False
         self._waiter: asyncio.Future[None] | None = None
+        # The request's own Generate call, once the replica refused the mux.
+        self._fallback: grpc.aio.UnaryStreamCall | None = None
 
     def __aiter__(self) -> MuxStream:
         return self
 
     async def __anext__(self) -> inference_pb2.GenerateResponse:
         while not self._responses:
+            if self._fallback is not None:
+                response: inference_pb2.GenerateResponse = await self._fallback.read()
+                if response is grpc.aio.EOF:
+                    raise StopAsyncIteration
+                return response
             if self._ended:
                 if self._end is not None:
                     raise self._end
@@ -67,9 +80,16 @@ class MuxStream:
 
     def cancel(self) -> None:
         """The reader is done with the stream: the replica stops it, unless it is over."""
-        if not (self._ended or self._completed):
+        if self._fallback is not None:
+            self._fallback.cancel()
+        elif not (self._ended or self._completed):
             self._ended = True
             self._call.cancel(self._stream_id)
+
+    def fall_back(self, call: grpc.aio.UnaryStreamCall) -> None:
+        """Reads the request's own Generate `call` from now on."""
+        self._fallback = call
+        self._wake()
 
     # -- fed by the call's reader --------------------------------------------------------
 
@@ -90,7 +110,12 @@ class MuxStream:
 class _MuxCall:
     """One InferenceMux call: its outgoing controls and its open streams."""
 
-    def __init__(self, stub: inference_mux_pb2_grpc.InferenceMuxStub) -> None:
+    def __init__(
+        self,
+        stub: inference_mux_pb2_grpc.InferenceMuxStub,
+        refused: Callable[[list[MuxStream]], None],
+    ) -> None:
+        self._refused = refused
         self._controls: asyncio.Queue[inference_mux_pb2.MuxControl | None] = asyncio.Queue()
         self._streams: dict[int, MuxStream] = {}
         self._ids = itertools.count(1)
@@ -100,7 +125,7 @@ class _MuxCall:
 
     def open(self, request: inference_pb2.GenerateRequest) -> MuxStream:
         stream_id = next(self._ids)
-        stream = MuxStream(self, stream_id)
+        stream = MuxStream(self, stream_id, request)
         self._streams[stream_id] = stream
         self._controls.put_nowait(inference_mux_pb2.MuxControl(stream_id=stream_id, start=request))
         return stream
@@ -138,6 +163,9 @@ class _MuxCall:
                         stream.push(frame.response)
         except grpc.aio.AioRpcError as failed:
             error = failed
+            if failed.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._refused(list(self._streams.values()))
+                self._streams.clear()
         finally:
             self.closed = True
             for stream in self._streams.values():
@@ -148,14 +176,31 @@ class _MuxCall:
 class ReplicaStreams:
     """A replica's request streams, all on one InferenceMux call (opened when needed)."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, endpoint: str, channel: grpc.aio.Channel) -> None:
+        self._endpoint = endpoint
         self._stub = inference_mux_pb2_grpc.InferenceMuxStub(channel)
+        self._inference = inference_pb2_grpc.InferenceStub(channel)
         self._call: _MuxCall | None = None
+        self.per_call = False  # the replica has no InferenceMux: a Generate call per request
 
-    def generate(self, request: inference_pb2.GenerateRequest) -> MuxStream:
+    def generate(
+        self, request: inference_pb2.GenerateRequest
+    ) -> MuxStream | grpc.aio.UnaryStreamCall:
+        """The request's response stream: `async for` it, `cancel()` it when done."""
+        if self.per_call:
+            return self._inference.Generate(request)
         if self._call is None or self._call.closed:
-            self._call = _MuxCall(self._stub)
+            self._call = _MuxCall(self._stub, self._refused)
         return self._call.open(request)
+
+    def _refused(self, streams: list[MuxStream]) -> None:
+        log.warning(
+            "replica %s has no InferenceMux (an older version?): one call per request",
+            self._endpoint,
+        )
+        self.per_call = True
+        for stream in streams:
+            stream.fall_back(self._inference.Generate(stream.request))
 
     def close(self) -> None:
         if self._call is not None:

@@ -150,7 +150,7 @@ class ReplicaHandle:
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         # Requests go over one multiplexed call (replica_mux.py); `inference` stays for
         # callers that want a call per request.
-        self.streams = ReplicaStreams(self.channel)
+        self.streams = ReplicaStreams(endpoint, self.channel)
         self.control = replica_control_pb2_grpc.ReplicaControlStub(self.channel)
         self.report: replica_control_pb2.LoadReport | None = None
         self.report_at = 0.0  # time.monotonic() of the latest report

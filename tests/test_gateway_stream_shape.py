@@ -1,7 +1,9 @@
 """The gateway's OpenAI stream for the events a real engine emits rarely: text the detokenizer
 held back until the end (no token of its own) and a demotion mid-stream. A scripted replica
 (an injected sequence; the real replica's streams are in test_gateway_client_cancel.py) sends
-them over real gRPC, and a real gateway turns them into SSE.
+them over real gRPC, and a real gateway turns them into SSE. The same script comes over both
+transports a gateway meets: InferenceMux, and a call per request from a replica without it (an
+older version, mid-rollout).
 
 Benchmark clients, vLLM's among them, time every chunk that has a choice as a token's arrival:
 so each such chunk before the finishing one must bring a token."""
@@ -78,10 +80,15 @@ class _Ready(replica_control_pb2_grpc.ReplicaControlServicer):
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+@pytest.fixture(scope="module", params=["mux", "per-call"])
+def gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    add_fake_inference(_ScriptedInference(), server)
+    if request.param == "mux":
+        add_fake_inference(_ScriptedInference(), server)
+    else:
+        inference_pb2_grpc.add_InferenceServicer_to_server(_ScriptedInference(), server)
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Ready(), server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
