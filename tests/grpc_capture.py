@@ -2,8 +2,9 @@
 
 It forwards every call, of any service, to the server behind it as raw bytes, unchanged in
 both directions (errors with their rich status details too), and cancels the call behind it
-when its own caller cancels. The only thing it adds is a record of each Inference.Generate
-request that passed through: the request exactly as the server behind it received it.
+when its own caller cancels. The only thing it adds is a record of each generation request
+that passed through (a call of Inference.Generate, or a stream opened on an InferenceMux
+call, as the gateway sends them): the request exactly as the server behind it received it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from sloserve.v1 import inference_pb2
+from sloserve.v1 import inference_mux_pb2, inference_pb2
 
 GENERATE = "/sloserve.v1.Inference/Generate"
+MUX = "/sloserve.v1.InferenceMux/Generate"
 
 
 @dataclass
 class Passed:
-    """One Generate call that went through the proxy."""
+    """One generation that went through the proxy (a Generate call, or a muxed stream)."""
 
     request: inference_pb2.GenerateRequest
     received_at: float
@@ -91,14 +93,30 @@ class _Forward(grpc.GenericRpcHandler):  # type: ignore[misc]
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
             passed: list[Passed] = []
+            streams: dict[int, Passed] = {}  # a mux call's open streams
+
+            def record(request: inference_pb2.GenerateRequest) -> Passed:
+                passed.append(Passed(request, time.time()))
+                proxy.generate.append(passed[-1])
+                return passed[-1]
 
             async def requests_upstream() -> AsyncIterator[bytes]:
                 async for raw in requests:
                     if method == GENERATE:
-                        message = inference_pb2.GenerateRequest.FromString(raw)
-                        passed.append(Passed(message, time.time()))
-                        proxy.generate.append(passed[-1])
+                        record(inference_pb2.GenerateRequest.FromString(raw))
+                    elif method == MUX:
+                        control = inference_mux_pb2.MuxControl.FromString(raw)
+                        if control.HasField("start"):
+                            streams[control.stream_id] = record(control.start)
+                        elif (stream := streams.pop(control.stream_id, None)) is not None:
+                            stream.cancelled_by_caller = True
+                            stream.ended_at = time.time()
                     yield raw
+
+            def ended_streams(raw: bytes) -> None:
+                for frame in inference_mux_pb2.MuxBatch.FromString(raw).frames:
+                    if frame.HasField("end") and (s := streams.pop(frame.stream_id, None)):
+                        s.ended_at = time.time()
 
             metadata = [
                 (k, v)
@@ -110,6 +128,8 @@ class _Forward(grpc.GenericRpcHandler):  # type: ignore[misc]
             )
             try:
                 async for response in call:
+                    if method == MUX:
+                        ended_streams(response)
                     yield response
             except grpc.aio.AioRpcError as error:
                 await context.abort(
@@ -117,11 +137,13 @@ class _Forward(grpc.GenericRpcHandler):  # type: ignore[misc]
                 )
             except (asyncio.CancelledError, GeneratorExit):  # the caller cancelled
                 for p in passed:
-                    p.cancelled_by_caller = True
+                    if p.ended_at is None:
+                        p.cancelled_by_caller = True
                 raise
             finally:
                 call.cancel()
                 for p in passed:
-                    p.ended_at = time.time()
+                    if p.ended_at is None:
+                        p.ended_at = time.time()
 
         return grpc.stream_stream_rpc_method_handler(forward)
