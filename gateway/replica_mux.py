@@ -113,7 +113,7 @@ class _MuxCall:
     def __init__(
         self,
         stub: inference_mux_pb2_grpc.InferenceMuxStub,
-        refused: Callable[[list[MuxStream]], None],
+        refused: Callable[[list[MuxStream], bool], None],
     ) -> None:
         self._refused = refused
         self._controls: asyncio.Queue[inference_mux_pb2.MuxControl | None] = asyncio.Queue()
@@ -150,8 +150,10 @@ class _MuxCall:
                 message="the replica ended the stream call",
             )
         )
+        answered = False  # whether the replica has sent anything on this call
         try:
             async for batch in self._call:
+                answered = True
                 for frame in batch.frames:
                     stream = self._streams.get(frame.stream_id)
                     if stream is None:
@@ -163,8 +165,13 @@ class _MuxCall:
                         stream.push(frame.response)
         except grpc.aio.AioRpcError as failed:
             error = failed
-            if failed.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._refused(list(self._streams.values()))
+            # A replica without the mux refuses the call at once; should the call's first
+            # write cross that answer, gRPC reports its own INTERNAL error in its place. With
+            # nothing answered, the streams go again as calls of their own either way (a
+            # replica serves those with or without the mux); only a refusal seen is final.
+            refused = failed.code() == grpc.StatusCode.UNIMPLEMENTED
+            if refused or (not answered and failed.code() == grpc.StatusCode.INTERNAL):
+                self._refused(list(self._streams.values()), refused)
                 self._streams.clear()
         finally:
             self.closed = True
@@ -193,12 +200,15 @@ class ReplicaStreams:
             self._call = _MuxCall(self._stub, self._refused)
         return self._call.open(request)
 
-    def _refused(self, streams: list[MuxStream]) -> None:
-        log.warning(
-            "replica %s has no InferenceMux (an older version?): one call per request",
-            self._endpoint,
-        )
-        self.per_call = True
+    def _refused(self, streams: list[MuxStream], for_good: bool) -> None:
+        """The replica refused the mux call (`for_good`), or may have: `streams` go again,
+        each on a Generate call of its own."""
+        if for_good and not self.per_call:
+            log.warning(
+                "replica %s has no InferenceMux (an older version?): one call per request",
+                self._endpoint,
+            )
+            self.per_call = True
         for stream in streams:
             stream.fall_back(self._inference.Generate(stream.request))
 

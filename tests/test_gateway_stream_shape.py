@@ -3,7 +3,8 @@ held back until the end (no token of its own) and a demotion mid-stream. A scrip
 (an injected sequence; the real replica's streams are in test_gateway_client_cancel.py) sends
 them over real gRPC, and a real gateway turns them into SSE. The same script comes over both
 transports a gateway meets: InferenceMux, and a call per request from a replica without it (an
-older version, mid-rollout).
+older version, mid-rollout), told by its refusal or, where the gateway's first write crossed
+that refusal, by the INTERNAL error gRPC reports in its place.
 
 Benchmark clients, vLLM's among them, time every chunk that has a choice as a token's arrival:
 so each such chunk before the finishing one must bring a token."""
@@ -25,6 +26,7 @@ from conftest import Gateway, free_port
 from fake_mux import add_fake_inference
 
 from sloserve.v1 import (
+    inference_mux_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     replica_control_pb2,
@@ -69,6 +71,14 @@ class _ScriptedInference(inference_pb2_grpc.InferenceServicer):
         yield from _script()
 
 
+class _AnswerLost(inference_mux_pb2_grpc.InferenceMuxServicer):
+    """A mux call failing before it answers anything, as gRPC reports a refusal that a write
+    crossed."""
+
+    def Generate(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
 class _Ready(replica_control_pb2_grpc.ReplicaControlServicer):
     def WatchLoad(
         self, request: replica_control_pb2.WatchLoadRequest, context: grpc.ServicerContext
@@ -80,7 +90,7 @@ class _Ready(replica_control_pb2_grpc.ReplicaControlServicer):
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module", params=["mux", "per-call"])
+@pytest.fixture(scope="module", params=["mux", "per-call", "mux-answer-lost"])
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
@@ -89,6 +99,8 @@ def gateway(
         add_fake_inference(_ScriptedInference(), server)
     else:
         inference_pb2_grpc.add_InferenceServicer_to_server(_ScriptedInference(), server)
+    if request.param == "mux-answer-lost":
+        inference_mux_pb2_grpc.add_InferenceMuxServicer_to_server(_AnswerLost(), server)
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Ready(), server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
