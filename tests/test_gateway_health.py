@@ -338,6 +338,7 @@ class SlowProbeProxy(
         self.report_every_s = report_every_s
         self.probe_delay_s = probe_delay_s
         self.probes = 0
+        self.reported_at = -float("inf")  # time.monotonic() of the latest report passed on
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -355,6 +356,7 @@ class SlowProbeProxy(
         async for response in self._control.WatchLoad(request):
             if time.monotonic() - last >= self.report_every_s:
                 last = time.monotonic()
+                self.reported_at = last
                 yield response
 
     async def Probe(
@@ -424,6 +426,17 @@ async def _concurrent_streams(url: str, count: int) -> list[tuple[int, str]]:
         return await asyncio.gather(*(_stream(session, url) for _ in range(count)))
 
 
+def _wait_until_stale(proxy: SlowProbeProxy) -> None:
+    """Returns 0.7 s after the proxy passed a report on: the gateway finds it stale (older
+    than two 0.25 s intervals) until the next one, 0.8 s later, so requests sent now probe."""
+    deadline = time.monotonic() + 10
+    passed = proxy.reported_at
+    while proxy.reported_at == passed:
+        assert time.monotonic() < deadline, "the proxy passed no load report on in 10 s"
+        time.sleep(0.01)
+    time.sleep(0.7)
+
+
 @pytest.mark.engine
 def test_slow_probes_do_not_take_replicas_out(replica: Replica, tmp_path: Path) -> None:
     with slow_probe_proxies(replica.endpoint, 2) as proxies:
@@ -431,7 +444,7 @@ def test_slow_probes_do_not_take_replicas_out(replica: Replica, tmp_path: Path) 
         gateway.start()
         try:
             gateway.wait_serving()
-            time.sleep(1.0)  # reports are stale now (one every 1.5 s): requests probe
+            _wait_until_stale(proxies[0][1])
             answers = asyncio.run(_concurrent_streams(f"{gateway.base_url}/completions", 100))
         finally:
             assert gateway.stop() == 0
