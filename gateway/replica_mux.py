@@ -113,9 +113,9 @@ class _MuxCall:
     def __init__(
         self,
         stub: inference_mux_pb2_grpc.InferenceMuxStub,
-        refused: Callable[[list[MuxStream], bool], None],
+        resend_per_call: Callable[[list[MuxStream], bool], None],
     ) -> None:
-        self._refused = refused
+        self._resend_per_call = resend_per_call
         self._controls: asyncio.Queue[inference_mux_pb2.MuxControl | None] = asyncio.Queue()
         self._streams: dict[int, MuxStream] = {}
         self._ids = itertools.count(1)
@@ -171,7 +171,7 @@ class _MuxCall:
             # replica serves those with or without the mux); only a refusal seen is final.
             refused = failed.code() == grpc.StatusCode.UNIMPLEMENTED
             if refused or (not answered and failed.code() == grpc.StatusCode.INTERNAL):
-                self._refused(list(self._streams.values()), refused)
+                self._resend_per_call(list(self._streams.values()), refused)
                 self._streams.clear()
         finally:
             self.closed = True
@@ -197,13 +197,14 @@ class ReplicaStreams:
         if self.per_call:
             return self._inference.Generate(request)
         if self._call is None or self._call.closed:
-            self._call = _MuxCall(self._stub, self._refused)
+            self._call = _MuxCall(self._stub, self._resend_per_call)
         return self._call.open(request)
 
-    def _refused(self, streams: list[MuxStream], for_good: bool) -> None:
-        """The replica refused the mux call (`for_good`), or may have: `streams` go again,
-        each on a Generate call of its own."""
-        if for_good and not self.per_call:
+    def _resend_per_call(self, streams: list[MuxStream], refused: bool) -> None:
+        """The replica refused the mux call (`refused`: it has no InferenceMux; later
+        requests go per call too), or may have: `streams` go again, each on a Generate call
+        of its own."""
+        if refused and not self.per_call:
             log.warning(
                 "replica %s has no InferenceMux (an older version?): one call per request",
                 self._endpoint,
