@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sloserve.replica.planner import LiveLimits, PlannerSettings, stretched_cap_s
-from sloserve.replica.slo_request import Mode, Reason, SloRequest
+from sloserve.replica.slo_request import CLIENT_RESERVE_TPOTS, Mode, Reason, SloRequest
 from sloserve.slo import TOLERANCE
 from sloserve.stepmodel import StepShape, StepTimeModel
 
@@ -491,9 +491,10 @@ class AdmissionController:
             late[request.request_id] = t - request.next_deadline(TOLERANCE, s.delivery_s)
             if first_tokens is not None:
                 first_tokens[request.request_id] = t
-            # It decodes from here on, ahead of schedule by what its early first token left.
+            # It decodes from here on, held to the client's line from its first token
+            # (SloRequest.planning_deadline).
             own_tpot = _tightest_tpot(request)
-            first_due = max(request.ttft_deadline - s.delivery_s, t) + own_tpot
+            first_due = t + (1.0 - CLIENT_RESERVE_TPOTS) * own_tpot
             leaves = t + self._decode_left(request) * own_tpot
             batch.add((leaves, own_tpot, first_due, request.prompt_tokens))
         # The largest decode batch the horizon sees must keep every stream on time.

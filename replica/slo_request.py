@@ -14,6 +14,9 @@ from sloserve.slo import TOLERANCE, Budgets, RequestSlo
 
 # Kept between a decode token's planned delivery and the judge's deadline, in its own TPOTs.
 RESERVE_TPOTS = 1.0
+# Kept between a decode token's planned step end and the client's line (below), in its own
+# TPOTs: room for a step that overruns its prediction, in a stream that may end at any token.
+CLIENT_RESERVE_TPOTS = 0.25
 
 
 class Mode(enum.Enum):
@@ -186,14 +189,21 @@ class SloRequest:
     def planning_deadline(self, delivery_s: float = 0.0) -> float:
         """When the step producing the next token should end, as the planner works to it.
 
-        The first token: its TTFT deadline. A decode token: the judge's line (1.05 x the
-        budgets, §2) less a reserve of RESERVE_TPOTS of its TPOT, so a step that overruns its
-        prediction is absorbed. Early in a stream this is stricter than the budget itself;
-        further on, the 5% of a growing budget is slack the planner may use.
+        The first token: its TTFT deadline. A decode token: the earlier of two lines.
+        - The judge's (1.05 x the budgets, §2) less a reserve of RESERVE_TPOTS of its TPOT,
+          so a step that overruns its prediction is absorbed. Early in a stream this is
+          stricter than the budget itself; further on, the 5% of a growing budget is slack.
+        - The client's: the first token plus the TPOT budgets since, less CLIENT_RESERVE_TPOTS.
+          Common clients (vLLM's `bench serve --goodput` among them) judge a request's mean
+          TPOT, counted from its first token, against the budget itself; a first token
+          earlier than its TTFT budget gives the judge's decode clock slack that those
+          clients do not count, and a stream spending it would be late by theirs.
         """
         if self.output_tokens == 0 or self.first_token_at is None:
             return self.ttft_deadline - delivery_s
-        return self.next_deadline(TOLERANCE, delivery_s) - RESERVE_TPOTS * self.next_tpot_s
+        judge = self.next_deadline(TOLERANCE, delivery_s) - RESERVE_TPOTS * self.next_tpot_s
+        client = self.first_token_at + self._line_s - CLIENT_RESERVE_TPOTS * self.next_tpot_s
+        return judge if judge < client else client
 
     # -- events --------------------------------------------------------------------------------
 

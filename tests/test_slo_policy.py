@@ -91,6 +91,23 @@ def test_delivery_moves_deadlines_counted_from_arrival_not_from_the_first_token(
     assert late.planning_deadline(delivery_s=0.01) == pytest.approx(1.02 + 0.105 - 0.1)
 
 
+def test_an_early_first_token_gives_planned_decodes_no_slack_a_client_would_not_count() -> None:
+    """The judge's decode clock starts at the TTFT deadline when the first token comes
+    early; a client judging the mean TPOT from the first token (vLLM's `bench serve
+    --goodput`) counts from the first token. Tokens landing on the planned line pass both."""
+    budgets = Budgets(ttft_s=1.0, tpot_s=0.1)
+    request = decoding(make("r", budgets, arrival=0.0), first_token_at=0.2)
+    assert request.next_deadline(1.05) == pytest.approx(1.0 + 0.105)  # the judge's
+    assert request.planning_deadline() == pytest.approx(0.2 + 0.1 - 0.025)
+    times = [0.2]
+    for _ in range(99):
+        times.append(request.planning_deadline())
+        request.on_tokens(1, times[-1])
+    mean_tpot = (times[-1] - times[0]) / (len(times) - 1)
+    assert mean_tpot <= budgets.tpot_s
+    assert judge(0.0, times, budgets).met
+
+
 def test_time_already_waited_moves_every_deadline_earlier() -> None:
     """A request that waited 0.3 s upstream (a gateway, a replica that turned it away)
     arrives here at 10.0 with its SLO clock started at 9.7: its first token is due at
@@ -249,9 +266,10 @@ def test_a_prompt_that_must_run_whole_waits_for_room_or_rides_along_if_small() -
 def test_step_ends_before_the_earliest_due_decode() -> None:
     planner = StepPlanner(MODEL, SETTINGS)
     now = 0.98
-    busy = decoding(make("d", TIGHT, arrival=0.79), first_token_at=0.97)  # due at 0.99 + 0.01
-    # planned for: the judge's line (0.99 + 1.05 * 10 ms) less one TPOT of reserve
-    assert busy.planning_deadline() == pytest.approx(0.9905)
+    busy = decoding(make("d", TIGHT, arrival=0.79), first_token_at=0.98)
+    # planned for: the client's line (its first token + 10 ms) less a quarter TPOT, earlier
+    # than the judge's (0.99 + 1.05 * 10 ms, less one TPOT of reserve: 0.9905)
+    assert busy.planning_deadline() == pytest.approx(0.9875)
     slack = busy.planning_deadline() - now
     waiting = [make("w", LOOSE, arrival=0.9, prompt=2000)]
     plan = planner.plan(now, [busy], waiting)
@@ -274,7 +292,8 @@ def test_prefills_go_earliest_deadline_first() -> None:
 def test_decodes_far_ahead_sit_out_while_prefill_waits() -> None:
     planner = StepPlanner(MODEL, SETTINGS)
     due = decoding(make("due", TIGHT, arrival=0.0), first_token_at=0.2)  # next at 0.21
-    ahead = decoding(make("ahead", LOOSE, arrival=0.0), first_token_at=0.1)  # next at 1.04
+    # six tokens out at once: its next is due at 0.1 + 6 * 40 ms less a quarter TPOT, 0.33
+    ahead = decoding(make("ahead", LOOSE, arrival=0.0), first_token_at=0.1, tokens=6)
     plan = planner.plan(0.2, [due, ahead], [make("w", TIGHT, arrival=0.19)])
     assert plan.decodes == ["due"] and plan.skipped == ["ahead"]
     # with no prefill waiting, nobody sits out
@@ -296,8 +315,8 @@ def test_best_effort_decodes_fit_the_step_at_their_context_cost() -> None:
     model = StepTimeModel(pieces=[(0.005, 0.0001, 0.0, 0.000002)])  # + 2 us a context token
     planner = StepPlanner(model, SETTINGS)
     now = 0.98
-    busy = decoding(make("d", TIGHT, arrival=0.79, prompt=100), first_token_at=0.97)
-    slack = busy.planning_deadline() - now  # 10.5 ms
+    busy = decoding(make("d", TIGHT, arrival=0.79, prompt=100), first_token_at=0.98)
+    slack = busy.planning_deadline() - now  # 7.5 ms
 
     def best_effort(request_id: str, prompt: int) -> SloRequest:
         request = make(request_id, LOOSE, prompt=prompt)
@@ -305,11 +324,11 @@ def test_best_effort_decodes_fit_the_step_at_their_context_cost() -> None:
         return decoding(request, first_token_at=0.5)
 
     # The SLO decode takes 5.3 ms; each best-effort decode over 1,000 tokens takes 2.1 ms:
-    # two fit the 10.5 ms. Counted as tokens alone, all ten did (26 ms, 2.5x the slack).
+    # one fits the 7.5 ms. Counted as tokens alone, all ten did (26 ms, 3.5x the slack).
     long_context = [best_effort(f"b{i}", prompt=1000) for i in range(10)]
     plan = planner.plan(now, [busy, *long_context], [])
-    assert plan.decodes == ["d", "b0", "b1"]
-    assert plan.skipped == [f"b{i}" for i in range(2, 10)]
+    assert plan.decodes == ["d", "b0"]
+    assert plan.skipped == [f"b{i}" for i in range(1, 10)]
     assert plan.predicted_s <= slack
     # Short contexts cost little: all ten ride along.
     short_context = [best_effort(f"s{i}", prompt=10) for i in range(10)]
@@ -321,14 +340,14 @@ def test_best_effort_prefill_fits_the_step_at_its_context_cost() -> None:
     model = StepTimeModel(pieces=[(0.005, 0.0001, 0.0, 0.000002)])
     planner = StepPlanner(model, SETTINGS)
     now = 0.98
-    busy = decoding(make("d", TIGHT, arrival=0.79, prompt=100), first_token_at=0.97)
+    busy = decoding(make("d", TIGHT, arrival=0.79, prompt=100), first_token_at=0.98)
     slack = busy.planning_deadline() - now
-    resumed = make("be", LOOSE, prompt=3000)  # best effort, 2,000 of its prompt done
+    resumed = make("be", LOOSE, prompt=3000)  # best effort, 500 of its prompt done
     resumed.demote(Reason.COMPUTE)
-    resumed.computed_tokens = 2000
+    resumed.computed_tokens = 500
     plan = planner.plan(now, [busy], [resumed])
     ((request_id, tokens),) = plan.prefills
-    # 5.2 ms left: 2,000 tokens of context take 4 ms, each new token 0.102 ms: 11 tokens.
+    # 2.2 ms left: 500 tokens of context take 1 ms, each new token 0.102 ms: 11 tokens.
     assert request_id == "be" and tokens == 11
     assert plan.predicted_s <= slack
 
@@ -393,8 +412,8 @@ def test_admission_counts_on_decode_slack_for_long_steps() -> None:
     admission = controller()
     # A decode 300 ms ahead of schedule lets the planner run full steps for a while: a
     # 2,000-token prompt due in 250 ms is on time (about 210 ms of compute) ...
-    ahead = decoding(make("ahead", TIGHT, arrival=0.0), first_token_at=0.0)
-    ahead.slo = RequestSlo("ahead", "tight", Budgets(ttft_s=0.3, tpot_s=0.01), False, 0.0)
+    # (31 tokens out at once: its next is due at 31 * 10 ms, less a quarter TPOT)
+    ahead = decoding(make("ahead", TIGHT, max_tokens=100), first_token_at=0.0, tokens=31)
     prompt = make("p", Budgets(ttft_s=0.25, tpot_s=0.05), prompt=2000)
     ahead_batch = _DecodeBatch(admission._decoders(0.0, [ahead]))
     assert _late_requests(admission, 0.0, ahead_batch, [prompt]) == {}
@@ -548,9 +567,13 @@ def test_decode_batch_that_cannot_keep_its_tpot_is_refused() -> None:
     verdict = admission.decide(0.0, make("one-more", TIGHT, arrival=0.0), running)
     assert verdict.rejected and verdict.reason is Reason.COMPUTE and verdict.check == "tpot"
     assert admission.decide(0.0, make("one", TIGHT), running[:50]).mode is Mode.ADMITTED
-    # Streams 150 ms ahead of their line (first tokens 150 ms early) can spend that lead on
-    # steps 0.1 ms too slow for the rest of their 50 tokens: the 56th is admitted.
-    ahead = [decoding(make(f"a{i}", TIGHT, arrival=-0.05), first_token_at=0.0) for i in range(55)]
+    # Streams 150 ms ahead of their line (15 tokens out at once) can spend that lead on steps
+    # 0.1 ms too slow for the rest of their 50 tokens: the 56th is admitted. (A first token
+    # early by as much is no lead: the client counts the mean TPOT from it.)
+    ahead = [
+        decoding(make(f"a{i}", TIGHT, arrival=-0.05), first_token_at=0.0, tokens=15)
+        for i in range(55)
+    ]
     assert admission.decide(0.0, make("one-more", TIGHT, arrival=0.0), ahead).mode is Mode.ADMITTED
 
 
