@@ -178,6 +178,9 @@ async def test_server_errors_are_retried_until_children_and_status_converge(
         await create_sloservice(api)
         body = await until(lambda: ready(api), "Ready")
         await until(lambda: children(api) == CHILDREN, "children")
+        # The status converges to Stable while the operator runs (a reconcile cut short by
+        # the operator's own shutdown below is not what this test is about).
+        await until(lambda: condition(slo(api), "Degraded").get("reason") == "Stable", "Stable")
     assert [f.hits for f in faults] == [f.times for f in faults]
     status = body["status"]
     assert status["phase"] == "Ready" and status["readyReplicas"] == 2
@@ -187,7 +190,6 @@ async def test_server_errors_are_retried_until_children_and_status_converge(
     # The failed creates were reported (that status write failed too, then a later one won).
     assert any(condition(r.data, "Degraded").get("reason") == "ApplyFailed"
                for r in api["patch", kmock.subresource("status"), SLOS])  # fmt: skip
-    assert condition(slo_history(api)[-1], "Degraded")["reason"] == "Stable"
 
 
 async def test_conflicts_are_retried_and_a_concurrent_scale_is_kept(api: ApiEmulator) -> None:
